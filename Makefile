@@ -1,0 +1,28 @@
+# Two commands for a fresh machine:  `make demo` (the main job)  and  `make test` (the test suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PYTHON ?= python3
+
+.PHONY: venv demo test lint docs clean
+
+$(VENV)/.installed: pyproject.toml constraints-ci.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints-ci.txt -e ".[dev,demo]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	HF_HUB_OFFLINE=1 $(VENV)/bin/invert-ad demo --out runs/demo $(ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check invert_ad tests examples benchmarks
+	$(VENV)/bin/ruff format --check invert_ad tests examples benchmarks
+
+test: venv lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,20 @@
+"""invert_ad: reconstruction-free anomaly detection by diffusion inversion (InvAD, OSD-IRF)."""
+
+from .schedule import InversionGrid, resolve_grid
+from .scorer import InversionScorer, ScoreOutput
+from .scoring import NotFittedError, Scorer, create_scorer, list_scorers, register_scorer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InversionGrid",
+    "InversionScorer",
+    "NotFittedError",
+    "ScoreOutput",
+    "Scorer",
+    "__version__",
+    "create_scorer",
+    "list_scorers",
+    "register_scorer",
+    "resolve_grid",
+]

@@ -1,0 +1,256 @@
+"""InversionScorer: a denoiser, its schedule, an inversion grid and a scorer, tied together.
+
+It works on feature maps ``(B, C, h, w)`` in the denoiser's space. Turning images into features is the job
+of :mod:`invert_ad.features`; :class:`invert_ad.pipeline.AnomalyDetector` composes both with calibration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .adapters.diffusers import denoiser_in_channels, make_eps_fn
+from .inversion import add_noise, ddim_integrate, one_step_irf
+from .schedule import InversionGrid, alphas_cumprod_of, prediction_type_of, resolve_grid, spaced_grid
+from .scoring import Scorer, create_scorer
+
+__all__ = ["InversionScorer", "ScoreOutput"]
+
+
+@dataclass(frozen=True)
+class ScoreOutput:
+    """Scores of a batch of feature maps.
+
+    Attributes:
+        image_scores: ``(B,)`` float32, higher is more anomalous.
+        anomaly_maps: ``(B, h, w)`` float32 on the feature grid, higher is more anomalous.
+        latents: ``(B, C, h, w)``, the latent the scorer read (final inverted latent, IRF field, or
+            reconstruction residual ``x0 - x0hat``).
+        components: raw per-image statistics by name, each ``(B,)``.
+    """
+
+    image_scores: torch.Tensor
+    anomaly_maps: torch.Tensor
+    latents: torch.Tensor
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _first_parameter(module: Any) -> torch.Tensor | None:
+    parameters = getattr(module, "parameters", None)
+    if parameters is None:
+        return None
+    return next(iter(parameters()), None)
+
+
+class InversionScorer:
+    """Reconstruction-free anomaly scoring by deterministic DDIM inversion (InvAD) or one step (OSD-IRF).
+
+    Args:
+        denoiser: a diffusers ``UNet2DModel`` / ``DiTTransformer2DModel`` / ``ModelMixin``, a learned-sigma
+            model (``2C`` outputs), or any callable ``f(x, t) -> eps``.
+        scheduler: a diffusers scheduler with ``alphas_cumprod`` (DDPM, DDIM, ...). Only ``alphas_cumprod`` and
+            ``config.prediction_type`` are read.
+        timesteps: the inversion grid: ``"paper"`` (points 0, 333, 666, 999), ``"official"`` (calls at 0, 500,
+            999, terminal alpha-bar 0), an int S, a spacing ``"quad"`` / ``"quad:5"`` (uniform, quad, cube,
+            exp), a list of points or an :class:`~invert_ad.schedule.InversionGrid`.
+        scoring: a registered name (``nll``, ``maxmin``, ``hybrid``, ``max``, ``irf``, ``reconstruction``) or a
+            :class:`~invert_ad.scoring.Scorer`.
+        irf_timestep: t of the one-step IRF latent.
+        reconstruction_timestep: noise level t_r of the reconstruction baseline.
+        reconstruction_steps: denoising calls of the baseline (default: the grid's number of calls).
+        reconstruction_seed: seed of the baseline's fixed noise.
+        autocast_dtype: run the denoiser under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16`` on
+            CUDA); the ODE update stays in the features' dtype.
+
+    Example:
+        >>> scorer = InversionScorer(unet, DDPMScheduler(), timesteps="paper", scoring="hybrid")
+        >>> scorer.fit(normal_features)                  # hybrid normalisation on normal data only
+        >>> out = scorer.score(features)                 # out.image_scores (B,), out.anomaly_maps (B, h, w)
+    """
+
+    def __init__(
+        self,
+        denoiser: Any,
+        scheduler: Any,
+        *,
+        timesteps: Any = "paper",
+        scoring: str | Scorer = "hybrid",
+        irf_timestep: int = 500,
+        reconstruction_timestep: int = 500,
+        reconstruction_steps: int | None = None,
+        reconstruction_seed: int = 0,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        if not callable(denoiser):
+            raise TypeError(f"denoiser must be a model or a callable f(x, t), got {type(denoiser).__name__}")
+        self.denoiser = denoiser
+        self.scheduler = scheduler
+        self.alphas_cumprod = alphas_cumprod_of(scheduler)
+        self.prediction_type = prediction_type_of(scheduler)
+        num_train_timesteps = len(self.alphas_cumprod)
+        self.grid: InversionGrid = resolve_grid(timesteps, num_train_timesteps)
+        self.scorer: Scorer = create_scorer(scoring) if isinstance(scoring, str) else scoring
+        if not isinstance(self.scorer, Scorer):
+            raise TypeError(f"scoring must be a scorer name or a Scorer instance, got {type(scoring).__name__}")
+        for name, value in (("irf_timestep", irf_timestep), ("reconstruction_timestep", reconstruction_timestep)):
+            if not isinstance(value, int) or not 0 <= value < num_train_timesteps:
+                raise ValueError(f"{name} must be an int in [0, {num_train_timesteps - 1}], got {value!r}")
+        self.irf_timestep = irf_timestep
+        self.reconstruction_timestep = reconstruction_timestep
+        self.reconstruction_steps = reconstruction_steps or self.grid.num_calls
+        if self.reconstruction_steps > max(reconstruction_timestep, 1):
+            raise ValueError(
+                f"reconstruction_steps={self.reconstruction_steps} exceeds reconstruction_timestep="
+                f"{reconstruction_timestep}"
+            )
+        self.reconstruction_seed = reconstruction_seed
+        self.autocast_dtype = autocast_dtype
+        self._eps_fn = make_eps_fn(denoiser, self.alphas_cumprod, self.prediction_type)
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    @property
+    def nfe(self) -> int:
+        """Network calls per image for the configured scorer."""
+        return {"inversion": self.grid.num_calls, "irf": 1, "reconstruction": self.reconstruction_steps}[
+            self.scorer.latent
+        ]
+
+    def _placement(self, x: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+        param = _first_parameter(self.denoiser)
+        if param is None:
+            return x.device, x.dtype if x.is_floating_point() else torch.float32
+        return param.device, param.dtype if param.is_floating_point() else torch.float32
+
+    def _check_features(self, features: Any) -> torch.Tensor:
+        if not isinstance(features, torch.Tensor):
+            raise TypeError(f"features must be a torch.Tensor of shape (B, C, h, w), got {type(features).__name__}")
+        if features.dim() != 4:
+            raise ValueError(f"features must have shape (B, C, h, w), got {tuple(features.shape)}")
+        if features.shape[0] == 0:
+            raise ValueError("features hold an empty batch")
+        expected = denoiser_in_channels(self.denoiser)
+        if expected is not None and features.shape[1] != expected:
+            raise ValueError(f"features have {features.shape[1]} channels but the denoiser expects {expected}")
+        if not torch.isfinite(features).all():
+            raise ValueError("features contain NaN or infinite values")
+        device, dtype = self._placement(features)
+        return features.to(device=device, dtype=dtype)
+
+    def _eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.autocast_dtype is None:
+            return self._eps_fn(x, t)
+        with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
+            return self._eps_fn(x, t).to(x.dtype)
+
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        with torch.inference_mode():
+            yield
+
+    @staticmethod
+    def _batches(features: torch.Tensor, batch_size: int | None) -> list[torch.Tensor]:
+        if batch_size is None:
+            return [features]
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        return list(features.split(batch_size))
+
+    # ------------------------------------------------------------------ latents
+    def invert(self, features: torch.Tensor, return_trajectory: bool = False) -> Any:
+        """DDIM-invert features along the grid to the final latent.
+
+        Args:
+            features: ``(B, C, h, w)``, the state at ``grid.points[0]``.
+            return_trajectory: also return the list of ``NFE + 1`` states.
+
+        Returns:
+            The final latent ``(B, C, h, w)`` (and the trajectory if asked).
+        """
+        x = self._check_features(features)
+        with self._inference():
+            return ddim_integrate(
+                self._eps, x, self.grid.call_points, self.grid.alpha_bars(self.alphas_cumprod), return_trajectory
+            )
+
+    def irf(self, features: torch.Tensor) -> torch.Tensor:
+        """OSD-IRF's one-step field ``eps(sqrt(ab_t) x0, t)`` at ``irf_timestep``, ``(B, C, h, w)``."""
+        x = self._check_features(features)
+        with self._inference():
+            ab = float(self.alphas_cumprod[self.irf_timestep])
+            return one_step_irf(self._eps, x, self.irf_timestep, ab)
+
+    def reconstruct(self, features: torch.Tensor) -> torch.Tensor:
+        """The baseline: noise to ``reconstruction_timestep`` with fixed noise, DDIM-denoise to clean.
+
+        Returns:
+            The reconstruction ``x0hat``, ``(B, C, h, w)``.
+        """
+        x0 = self._check_features(features)
+        t_r, steps = self.reconstruction_timestep, self.reconstruction_steps
+        points = spaced_grid(steps, "uniform", t_r + 1).points[::-1][:-1] if t_r > 0 else (0,)
+        ab = self.alphas_cumprod
+        alpha_bars = torch.cat([ab[list(points)], ab.new_ones(1)])
+        generator = torch.Generator().manual_seed(self.reconstruction_seed)
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+        with self._inference():
+            x_t = add_noise(x0, noise, float(ab[t_r]))
+            return ddim_integrate(self._eps, x_t, points, alpha_bars)
+
+    def latents(self, features: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """The latent the scorer reads (inversion, IRF or reconstruction residual), ``(B, C, h, w)``."""
+        parts = []
+        for chunk in self._batches(features, batch_size):
+            if self.scorer.latent == "inversion":
+                parts.append(self.invert(chunk))
+            elif self.scorer.latent == "irf":
+                parts.append(self.irf(chunk))
+            else:
+                parts.append(self._check_features(chunk) - self.reconstruct(chunk))
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------ scoring
+    def fit(self, normal_features: torch.Tensor, batch_size: int | None = 64) -> InversionScorer:
+        """Calibrate the scorer (e.g. the hybrid normalisation) on features of normal images only.
+
+        Args:
+            normal_features: ``(N, C, h, w)`` features of defect-free images, never the test set.
+            batch_size: chunk size for the network calls.
+
+        Returns:
+            ``self``.
+        """
+        self.scorer.fit(self.latents(normal_features, batch_size))
+        return self
+
+    def score(self, features: torch.Tensor, batch_size: int | None = None) -> ScoreOutput:
+        """Score feature maps.
+
+        Args:
+            features: ``(B, C, h, w)``.
+            batch_size: chunk size for the network calls (``None``: one batch).
+
+        Returns:
+            A :class:`ScoreOutput`; higher scores are more anomalous.
+
+        Raises:
+            NotFittedError: the scorer needs :meth:`fit` first.
+        """
+        self.scorer.check_is_fitted()
+        z = self.latents(features, batch_size)
+        result = self.scorer.score(z)
+        return ScoreOutput(result.image_scores.float(), result.anomaly_maps.float(), z, result.components)
+
+    def __repr__(self) -> str:
+        return (
+            f"InversionScorer(denoiser={type(self.denoiser).__name__}, grid={list(self.grid.points)}"
+            f"{'' if self.grid.terminal_alpha_bar is None else f'+ab={self.grid.terminal_alpha_bar}'}, "
+            f"scorer={self.scorer!r}, nfe={self.nfe})"
+        )

@@ -1,0 +1,46 @@
+"""Scorers by name: ``register_scorer``, ``create_scorer``, ``list_scorers``."""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from .base import Scorer
+
+__all__ = ["create_scorer", "list_scorers", "register_scorer"]
+
+_SCORERS: dict[str, Callable[..., Scorer]] = {}
+
+
+def register_scorer(name: str, factory: Callable[..., Scorer] | None = None):
+    """Register ``factory`` (a scorer class or function returning one) under ``name``.
+
+    Usable as ``register_scorer("nll", NLLScorer)`` or as a decorator ``@register_scorer("nll")``.
+    Re-registering a name warns and replaces it.
+    """
+
+    def add(f: Callable[..., Scorer]) -> Callable[..., Scorer]:
+        if name in _SCORERS:
+            warnings.warn(f"scorer {name!r} is registered again; the new factory replaces the old", stacklevel=3)
+        _SCORERS[name] = f
+        return f
+
+    return add(factory) if factory is not None else add
+
+
+def list_scorers(pattern: str = "*") -> list[str]:
+    """Registered scorer names matching a glob ``pattern``, sorted."""
+    return sorted(n for n in _SCORERS if fnmatch.fnmatch(n, pattern))
+
+
+def create_scorer(name: str, **kwargs: Any) -> Scorer:
+    """Build the scorer registered as ``name`` with ``kwargs``.
+
+    Raises:
+        ValueError: unknown name (the message lists the registered ones).
+    """
+    if name not in _SCORERS:
+        raise ValueError(f"unknown scoring {name!r}; choose one of {list_scorers()} or pass a Scorer instance")
+    return _SCORERS[name](**kwargs)
