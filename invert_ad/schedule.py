@@ -8,6 +8,7 @@ a scheduler: its ``step`` is never used (see ``docs/concepts.md``).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -74,7 +75,7 @@ class InversionGrid:
             raise ValueError(f"grid points must be a non-empty sequence of ints, got {pts!r}")
         if any(p < 0 or p >= num_train_timesteps for p in pts):
             raise ValueError(f"grid points {list(pts)} must lie in [0, {num_train_timesteps - 1}]")
-        if any(b <= a for a, b in zip(pts, pts[1:])):
+        if any(b <= a for a, b in itertools.pairwise(pts)):
             raise ValueError(f"grid points {list(pts)} must be strictly increasing")
         if self.num_calls < 1:
             raise ValueError(f"grid {list(pts)} makes no network call: give at least two points")
@@ -117,7 +118,7 @@ def spaced_grid(num_steps: int, spacing: str = "uniform", num_train_timesteps: i
         raise ValueError(f"num_steps={num_steps} exceeds the {num_train_timesteps - 1} steps of the schedule")
     g = SPACINGS[spacing]
     points = [round(g(k / num_steps) * (num_train_timesteps - 1)) for k in range(num_steps + 1)]
-    if any(b <= a for a, b in zip(points, points[1:])):
+    if any(b <= a for a, b in itertools.pairwise(points)):
         raise ValueError(
             f"spacing {spacing!r} with {num_steps} steps gives repeated timesteps {points}; use fewer steps"
         )
@@ -163,7 +164,7 @@ def resolve_grid(spec: Any, num_train_timesteps: int = 1000) -> InversionGrid:
         else:
             choices = sorted(GRID_PRESETS) + [f"{s}[:S]" for s in sorted(SPACINGS)]
             raise ValueError(f"unknown timesteps preset {spec!r}; choose one of {choices}, an int or a list")
-    elif isinstance(spec, Sequence) or isinstance(spec, torch.Tensor):
+    elif isinstance(spec, (Sequence, torch.Tensor)):
         values = spec.tolist() if isinstance(spec, torch.Tensor) else list(spec)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             raise ValueError(f"explicit timesteps must be ints, got {values!r}")
