@@ -23,10 +23,13 @@ def gaussian_nll(z: torch.Tensor) -> torch.Tensor:
 
 
 def norm_map(z: torch.Tensor) -> torch.Tensor:
-    """Per-position L2 norm over channels, ``A[b, i, j] = ||z[b, :, i, j]||_2``: ``(B, C, h, w) -> (B, h, w)``."""
+    """Per-position L2 norm over channels, ``A[b, i, j] = ||z[b, :, i, j]||_2``: ``(B, C, h, w) -> (B, h, w)``.
+
+    Computed in at least float32 (half-precision latents are upcast).
+    """
     if z.dim() != 4:
         raise ValueError(f"expected latents of shape (B, C, h, w), got {tuple(z.shape)}")
-    return torch.linalg.vector_norm(z.float(), dim=1)
+    return torch.linalg.vector_norm(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)
 
 
 def max_min(maps: torch.Tensor) -> torch.Tensor:
