@@ -1,10 +1,9 @@
 """invert_ad: reconstruction-free anomaly detection by diffusion inversion (InvAD, OSD-IRF)."""
 
+from ._version import __version__
 from .schedule import InversionGrid, resolve_grid
 from .scorer import InversionScorer, ScoreOutput
 from .scoring import NotFittedError, Scorer, create_scorer, list_scorers, register_scorer
-
-__version__ = "0.1.0"
 
 __all__ = [
     "InversionGrid",

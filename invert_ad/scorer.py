@@ -7,16 +7,24 @@ of :mod:`invert_ad.features`; :class:`invert_ad.pipeline.AnomalyDetector` compos
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._version import __version__
 from .adapters.diffusers import denoiser_in_channels, make_eps_fn
+from .hub import load_json, model_class, resolve_model_dir, scheduler_class
 from .inversion import add_noise, ddim_integrate, one_step_irf
+from .io import atomic_save_tensors, atomic_write_json, load_tensors
 from .schedule import InversionGrid, alphas_cumprod_of, prediction_type_of, resolve_grid, spaced_grid
-from .scoring import Scorer, create_scorer
+from .scoring import Scorer, create_scorer, scorer_class
+
+CONFIG_NAME = "scorer_config.json"
+STATE_NAME = "scorer_state.safetensors"
 
 __all__ = ["InversionScorer", "ScoreOutput"]
 
@@ -247,6 +255,97 @@ class InversionScorer:
         z = self.latents(features, batch_size)
         result = self.scorer.score(z)
         return ScoreOutput(result.image_scores.float(), result.anomaly_maps.float(), z, result.components)
+
+    # ------------------------------------------------------------------ persistence
+    def get_config(self) -> dict[str, Any]:
+        """Everything but the weights and fitted state, JSON-serialisable."""
+        return {
+            "_class_name": type(self).__name__,
+            "invert_ad_version": __version__,
+            "grid": self.grid.to_dict(),
+            "scorer": {"class": type(self.scorer).__name__, "config": self.scorer.get_config()},
+            "irf_timestep": self.irf_timestep,
+            "reconstruction_timestep": self.reconstruction_timestep,
+            "reconstruction_steps": self.reconstruction_steps,
+            "reconstruction_seed": self.reconstruction_seed,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write the denoiser, scheduler, scorer config and calibration into ``save_directory``.
+
+        The folder may hold other files (an :class:`~invert_ad.pipeline.AnomalyDetector` adds its own).
+
+        Raises:
+            TypeError: the denoiser or scheduler cannot be saved (a plain callable has no weights format).
+        """
+        folder = Path(save_directory)
+        for name, part in (("denoiser", self.denoiser), ("scheduler", self.scheduler)):
+            if not callable(getattr(part, "save_pretrained", None)):
+                raise TypeError(
+                    f"the {name} ({type(part).__name__}) has no save_pretrained: only diffusers models and "
+                    "schedulers (or invert_ad.models) can be saved"
+                )
+        folder.mkdir(parents=True, exist_ok=True)
+        self.denoiser.save_pretrained(folder / "denoiser", safe_serialization=True)
+        self.scheduler.save_pretrained(folder / "scheduler")
+        atomic_save_tensors(self.scorer.state_dict(), folder / STATE_NAME)
+        atomic_write_json(folder / CONFIG_NAME, self.get_config())
+        return folder
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+        token: str | None = None,
+        **overrides: Any,
+    ) -> InversionScorer:
+        """Load a scorer saved with :meth:`save_pretrained`, from a folder or a Hub repo id.
+
+        Args:
+            pretrained: a local folder or ``user/repo`` on the Hugging Face Hub.
+            device: where to put the denoiser.
+            revision, token: Hub options.
+            **overrides: constructor arguments to replace (e.g. ``timesteps="official"``,
+                ``autocast_dtype=torch.bfloat16``). Replacing ``scoring`` drops the saved calibration.
+        """
+        folder = resolve_model_dir(pretrained, revision=revision, token=token)
+        config = load_json(folder / CONFIG_NAME)
+        denoiser_config = load_json(folder / "denoiser" / "config.json")
+        denoiser = model_class(denoiser_config.get("_class_name", "")).from_pretrained(folder / "denoiser")
+        denoiser = denoiser.eval().requires_grad_(False)
+        if device is not None:
+            denoiser = denoiser.to(device)
+        scheduler_config = load_json(folder / "scheduler" / "scheduler_config.json")
+        scheduler = scheduler_class(scheduler_config.get("_class_name", "")).from_pretrained(folder / "scheduler")
+        kwargs: dict[str, Any] = {
+            "timesteps": InversionGrid.from_dict(config["grid"]),
+            "irf_timestep": config["irf_timestep"],
+            "reconstruction_timestep": config["reconstruction_timestep"],
+            "reconstruction_steps": config["reconstruction_steps"],
+            "reconstruction_seed": config["reconstruction_seed"],
+        }
+        if "scoring" not in overrides:
+            spec = config["scorer"]
+            scorer = scorer_class(spec["class"])(**spec["config"])
+            scorer.load_state_dict(load_tensors(folder / STATE_NAME))
+            kwargs["scoring"] = scorer
+        kwargs.update(overrides)
+        return cls(denoiser, scheduler, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = True, token: str | None = None, **kwargs: Any) -> str:
+        """Save to a temporary folder and upload it as a model repo; returns the commit URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return str(api.upload_folder(repo_id=repo_id, folder_path=tmp, **kwargs))
 
     def __repr__(self) -> str:
         return (

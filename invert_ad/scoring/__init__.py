@@ -9,7 +9,7 @@ Presets registered by name (``list_scorers()``):
 
 from functools import partial
 
-from ._registry import create_scorer, list_scorers, register_scorer
+from ._registry import create_scorer, list_scorers, register_scorer, scorer_class
 from .base import LATENT_KINDS, NotFittedError, Scorer, ScoreResult
 from .functional import gaussian_nll, max_min, norm_map
 from .statistics import HybridScorer, MaxMinScorer, MaxNormScorer, NLLScorer, hybrid_from_components
@@ -37,4 +37,5 @@ __all__ = [
     "max_min",
     "norm_map",
     "register_scorer",
+    "scorer_class",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 
 from .base import Scorer
 
-__all__ = ["create_scorer", "list_scorers", "register_scorer"]
+__all__ = ["create_scorer", "list_scorers", "register_scorer", "scorer_class"]
 
 _SCORERS: dict[str, Callable[..., Scorer]] = {}
 
@@ -44,3 +44,18 @@ def create_scorer(name: str, **kwargs: Any) -> Scorer:
     if name not in _SCORERS:
         raise ValueError(f"unknown scoring {name!r}; choose one of {list_scorers()} or pass a Scorer instance")
     return _SCORERS[name](**kwargs)
+
+
+def scorer_class(class_name: str) -> type[Scorer]:
+    """The registered scorer class called ``class_name`` (for rebuilding a saved scorer).
+
+    Only classes behind registered names qualify, so a saved config can never name arbitrary code.
+
+    Raises:
+        ValueError: no registered scorer has that class.
+    """
+    for factory in _SCORERS.values():
+        cls = getattr(factory, "func", factory)
+        if isinstance(cls, type) and issubclass(cls, Scorer) and cls.__name__ == class_name:
+            return cls
+    raise ValueError(f"scorer class {class_name!r} is not registered; register it with register_scorer first")

@@ -1,0 +1,127 @@
+"""Files that survive crashes: atomic writes of text, tensors and whole folders; safe checkpoint reading."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "atomic_save_tensors",
+    "atomic_torch_save",
+    "atomic_write_json",
+    "atomic_write_text",
+    "load_tensors",
+    "load_torch_checkpoint",
+    "replace_directory",
+]
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+
+
+def _atomic(path: str | os.PathLike, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers never see half a file."""
+    return _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented, key-sorted JSON, atomically."""
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
+    """Save tensors as safetensors, atomically (contiguous CPU copies)."""
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return _atomic(path, lambda tmp: save_file(clean, tmp, metadata=metadata))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` atomically (for training checkpoints holding optimiser state)."""
+    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a clear error names the path when it is missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tensor file not found: {path}")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+def load_torch_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> Any:
+    """Read a ``.pt`` / ``.pth`` / ``.ckpt`` checkpoint with ``torch.load(weights_only=True)``.
+
+    Args:
+        path: the checkpoint.
+        allow_unsafe_pickle: fall back to full unpickling, which can run arbitrary code. Only for files you
+            trust.
+
+    Raises:
+        ValueError: the file holds objects other than tensors and plain containers and
+            ``allow_unsafe_pickle`` is false.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        if not allow_unsafe_pickle:
+            raise ValueError(
+                f"refusing to unpickle {path}: it holds objects other than tensors ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200]}). Convert it to safetensors, or pass allow_unsafe_pickle=True "
+                "if you trust its source."
+            ) from err
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@contextlib.contextmanager
+def replace_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder in a temporary sibling and swap it in only when the block succeeds.
+
+    The old folder (if any) stays intact until the new one is complete; an exception leaves it untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,7 @@
+"""A minimal trainer for feature-space diffusion: eps-MSE, AdamW, warm-up + cosine, EMA, resumable, DDP."""
+
+from .config import TrainingConfig
+from .loop import CHECKPOINT_NAME, TrainResult, train_denoiser
+from .schedule import ema_decay_at, learning_rate_at
+
+__all__ = ["CHECKPOINT_NAME", "TrainResult", "TrainingConfig", "ema_decay_at", "learning_rate_at", "train_denoiser"]

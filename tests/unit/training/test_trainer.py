@@ -1,0 +1,132 @@
+"""The trainer: learns, resumes exactly, and two gloo processes equal one process with the same global batch."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from invert_ad.schedule import linear_alphas_cumprod
+from invert_ad.training import TrainingConfig, ema_decay_at, learning_rate_at, train_denoiser
+
+AB = linear_alphas_cumprod()
+
+
+class TinyEps(torch.nn.Module):
+    def __init__(self, channels=3):
+        super().__init__()
+        self.inp = torch.nn.Conv2d(channels + 1, 32, 3, padding=1)
+        self.out = torch.nn.Conv2d(32, channels, 3, padding=1)
+
+    def forward(self, x, t):
+        tt = (t.float() / 1000).reshape(-1, 1, 1, 1).expand(-1, 1, *x.shape[2:])
+        return self.out(torch.nn.functional.silu(self.inp(torch.cat([x, tt], 1))))
+
+
+def data(n=64):
+    g = torch.Generator().manual_seed(0)
+    return 2.0 + 0.3 * torch.randn(n, 3, 4, 4, generator=g)
+
+
+def make_model():
+    torch.manual_seed(0)
+    return TinyEps()
+
+
+def test_schedules_by_hand():
+    assert learning_rate_at(0, 100, 1.0, 0.0, 0.1) == pytest.approx(0.1)
+    assert learning_rate_at(9, 100, 1.0, 0.0, 0.1) == pytest.approx(1.0)
+    assert learning_rate_at(10, 100, 1.0, 0.0, 0.1) == pytest.approx(1.0)
+    assert learning_rate_at(55, 100, 1.0, 0.0, 0.1) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert learning_rate_at(100, 100, 1.0, 0.1, 0.1) == pytest.approx(0.1)
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
+    assert ema_decay_at(10**6, 0.999) == 0.999
+
+
+def test_loss_decreases():
+    result = train_denoiser(make_model(), data(), AB, TrainingConfig(steps=150, minutes=None, learning_rate=3e-3))
+    first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
+    assert result.steps == 150 and last < 0.6 * first
+    assert not any(p.requires_grad for p in result.model.parameters())
+
+
+def test_time_budget_plans_steps():
+    result = train_denoiser(make_model(), data(), AB, TrainingConfig(minutes=0.02, checkpoint_every=10**6))
+    assert 1 <= result.steps <= result.total_steps and result.seconds < 10
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_is_exact(tmp_path):
+    config = TrainingConfig(steps=24, minutes=None, checkpoint_every=8, learning_rate=1e-3)
+    reference = train_denoiser(make_model(), data(), AB, config, progress=False)
+
+    model = make_model()
+    calls = {"n": 0}
+
+    def crash(*_):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise Interrupt
+
+    hook = model.register_forward_pre_hook(crash)
+    with pytest.raises(Interrupt):
+        train_denoiser(model, data(), AB, config, checkpoint_dir=tmp_path, progress=False)
+    hook.remove()
+    assert (tmp_path / "checkpoint.pt").is_file()
+    resumed = train_denoiser(make_model(), data(), AB, config, checkpoint_dir=tmp_path, progress=False)
+    assert resumed.steps == 24 and resumed.losses == reference.losses
+    for a, b in zip(resumed.model.state_dict().values(), reference.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="other settings"):
+        train_denoiser(make_model(), data(), AB, TrainingConfig(steps=24, minutes=None, seed=1), tmp_path)
+
+
+def test_bad_config_and_data():
+    with pytest.raises(ValueError, match="budget"):
+        TrainingConfig(steps=None, minutes=None)
+    with pytest.raises(ValueError, match="NaN"):
+        train_denoiser(make_model(), data() * float("nan"), AB, TrainingConfig(steps=1, minutes=None))
+    with pytest.raises(ValueError, match="non-empty"):
+        train_denoiser(make_model(), torch.zeros(0, 3, 4, 4), AB, TrainingConfig(steps=1, minutes=None))
+
+
+def _ddp_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        config = TrainingConfig(steps=6, minutes=None, batch_size=16, learning_rate=1e-3)
+        result = train_denoiser(make_model(), data(), AB, config, progress=False)
+        if rank == 0:
+            torch.save({"state": result.model.state_dict(), "losses": result.losses}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    single = train_denoiser(
+        make_model(),
+        data(),
+        AB,
+        TrainingConfig(steps=6, minutes=None, batch_size=16, learning_rate=1e-3),
+        progress=False,
+    )
+    for a, b in zip(ddp["state"].values(), single.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert ddp["losses"] == pytest.approx(single.losses, rel=1e-5)
