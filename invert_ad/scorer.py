@@ -26,7 +26,7 @@ from .scoring import Scorer, create_scorer, scorer_class
 CONFIG_NAME = "scorer_config.json"
 STATE_NAME = "scorer_state.safetensors"
 
-__all__ = ["InversionScorer", "ScoreOutput"]
+__all__ = ["InversionScorer", "ScoreOutput", "first_tensor"]
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,14 @@ class ScoreOutput:
     components: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _first_parameter(module: Any) -> torch.Tensor | None:
-    parameters = getattr(module, "parameters", None)
-    if parameters is None:
-        return None
-    return next(iter(parameters()), None)
+def first_tensor(module: Any) -> torch.Tensor | None:
+    """The first parameter, else the first buffer, of a module (``None`` for plain callables)."""
+    for attribute in ("parameters", "buffers"):
+        tensors = getattr(module, attribute, None)
+        found = next(iter(tensors()), None) if callable(tensors) else None
+        if found is not None:
+            return found
+    return None
 
 
 class InversionScorer:
@@ -132,7 +135,7 @@ class InversionScorer:
         ]
 
     def _placement(self, x: torch.Tensor) -> tuple[torch.device, torch.dtype]:
-        param = _first_parameter(self.denoiser)
+        param = first_tensor(self.denoiser)
         if param is None:
             return x.device, x.dtype if x.is_floating_point() else torch.float32
         return param.device, param.dtype if param.is_floating_point() else torch.float32

@@ -1,4 +1,8 @@
-"""A minimal trainer for feature-space diffusion: eps-MSE, AdamW, warm-up + cosine, EMA, resumable, DDP."""
+"""A minimal trainer for feature-space diffusion: eps-MSE, AdamW, warm-up + cosine, EMA, resumable, DDP.
+
+:func:`train_detector` (in :mod:`invert_ad.training.recipe`) is the main job built on it; it is imported
+lazily so that the loop itself needs no backbone or dataset code.
+"""
 
 from .config import TrainingConfig
 from .loop import CHECKPOINT_NAME, TrainResult, train_denoiser

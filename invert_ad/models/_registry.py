@@ -1,0 +1,152 @@
+"""Denoisers by preset name: ``register_denoiser``, ``create_denoiser``, ``list_denoisers``, ``load_denoiser``.
+
+Built-in presets:
+
+- ``dit-s``, ``dit-b``, ``dit-g``: :class:`FeatureDiT` (small CPU model, InvAD's DiT-base and DiT-gigant);
+- ``mlp``: :class:`MLPDenoiser`; ``conv``: :class:`ConvDenoiser`;
+- ``gaussian``: :class:`GaussianDenoiser` fitted on training features;
+- ``gaussian-residual-dit``, ``gaussian-residual-mlp``, ``gaussian-residual-conv``:
+  :class:`GaussianResidualDenoiser` around a fitted Gaussian (residual ``dit-s``, ``mlp`` or ``conv``).
+
+The Gaussian presets are fitted, not trained: they need ``features=train_features`` ``(N, C, h, w)``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import ModelMixin
+
+from ._layers import grid_hw
+from .conv import ConvDenoiser
+from .dit import DIT_PRESETS, FeatureDiT
+from .gaussian import GaussianDenoiser
+from .mlp import MLPDenoiser
+from .residual import RESIDUAL_KINDS, GaussianResidualDenoiser
+
+__all__ = ["create_denoiser", "list_denoisers", "load_denoiser", "register_denoiser"]
+
+DenoiserFactory = Callable[..., ModelMixin]
+"""``factory(in_channels, grid_size, **overrides) -> model``."""
+
+_DENOISERS: dict[str, DenoiserFactory] = {}
+
+_CLASSES: dict[str, type[ModelMixin]] = {
+    cls.__name__: cls for cls in (FeatureDiT, MLPDenoiser, ConvDenoiser, GaussianDenoiser, GaussianResidualDenoiser)
+}
+
+
+def register_denoiser(name: str, factory: DenoiserFactory | None = None) -> Any:
+    """Register ``factory(in_channels, grid_size, **overrides) -> model`` under ``name``.
+
+    Usable as ``register_denoiser("mine", build)`` or as a decorator ``@register_denoiser("mine")``.
+    Re-registering a name warns and replaces it.
+    """
+
+    def add(f: DenoiserFactory) -> DenoiserFactory:
+        if name in _DENOISERS:
+            warnings.warn(f"denoiser {name!r} is registered again; the new factory replaces the old", stacklevel=3)
+        _DENOISERS[name] = f
+        return f
+
+    return add(factory) if factory is not None else add
+
+
+def list_denoisers(pattern: str = "*") -> list[str]:
+    """Registered denoiser presets matching a glob ``pattern``, sorted."""
+    return sorted(n for n in _DENOISERS if fnmatch.fnmatch(n, pattern))
+
+
+def create_denoiser(
+    preset: str, in_channels: int, grid_size: int | tuple[int, int] = 16, **overrides: Any
+) -> ModelMixin:
+    """Build the denoiser registered as ``preset`` for features ``(B, in_channels, *grid_size)``.
+
+    Args:
+        preset: a name from :func:`list_denoisers`.
+        in_channels: feature channels C.
+        grid_size: feature grid, an int (square) or ``(h, w)``.
+        **overrides: constructor arguments replacing the preset's (e.g. ``depth=2``). The Gaussian presets
+            take ``features`` (required, ``(N, C, h, w)`` training features) and
+            :meth:`GaussianDenoiser.fit`'s keywords; the residual ones also ``residual_config``.
+
+    Returns:
+        The model (randomly initialised networks, fitted Gaussians), on the CPU.
+
+    Raises:
+        ValueError: an unknown preset (the message lists the registered ones), or a Gaussian preset without
+            matching ``features``.
+
+    Example:
+        >>> dit = create_denoiser("dit-s", in_channels=192, grid_size=16)
+        >>> padim_like = create_denoiser("gaussian", 8, 4, features=torch.randn(32, 8, 4, 4))
+    """
+    if preset not in _DENOISERS:
+        raise ValueError(f"unknown denoiser preset {preset!r}; choose one of {list_denoisers()}")
+    return _DENOISERS[preset](in_channels, grid_size, **overrides)
+
+
+def load_denoiser(pretrained_model_name_or_path: str, **kwargs: Any) -> ModelMixin:
+    """Load any ``invert_ad.models`` denoiser saved with ``save_pretrained``, by the class named in its config.
+
+    Args:
+        pretrained_model_name_or_path: a local folder (or a Hub id) holding ``config.json`` and the weights.
+        **kwargs: passed to ``from_pretrained`` (``subfolder``, ``torch_dtype``, ...).
+
+    Raises:
+        ValueError: the config names a class that is not an ``invert_ad.models`` denoiser.
+    """
+    # load_config reads the model's config.json whatever class is named in it
+    config = FeatureDiT.load_config(pretrained_model_name_or_path, subfolder=kwargs.get("subfolder"))
+    name = config.get("_class_name")
+    if name not in _CLASSES:
+        raise ValueError(f"{pretrained_model_name_or_path} holds a {name!r}, not one of {sorted(_CLASSES)}")
+    return _CLASSES[name].from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+def _build_network(
+    cls: type[ModelMixin], defaults: dict[str, Any], in_channels: int, grid_size: int | tuple[int, int], **overrides
+) -> ModelMixin:
+    return cls(in_channels=in_channels, sample_size=grid_size, **{**defaults, **overrides})
+
+
+def _fit_gaussian(
+    in_channels: int,
+    grid_size: int | tuple[int, int],
+    features: torch.Tensor | None = None,
+    **fit_kwargs: Any,
+) -> GaussianDenoiser:
+    if features is None:
+        raise ValueError("Gaussian presets are fitted on training features: pass features=train_features (N, C, h, w)")
+    expected = (in_channels, *grid_hw(grid_size))
+    if features.dim() != 4 or tuple(features.shape[1:]) != expected:
+        raise ValueError(
+            f"features must have shape (N, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(features.shape)}"
+        )
+    return GaussianDenoiser.fit(features, **fit_kwargs)
+
+
+def _fit_gaussian_residual(
+    residual_kind: str,
+    in_channels: int,
+    grid_size: int | tuple[int, int],
+    features: torch.Tensor | None = None,
+    residual_config: dict[str, Any] | None = None,
+    **fit_kwargs: Any,
+) -> GaussianResidualDenoiser:
+    gaussian = _fit_gaussian(in_channels, grid_size, features, **fit_kwargs)
+    return GaussianResidualDenoiser.from_gaussian(gaussian, residual_kind, residual_config)
+
+
+for _name, _preset in DIT_PRESETS.items():
+    register_denoiser(_name, functools.partial(_build_network, FeatureDiT, _preset))
+register_denoiser("mlp", functools.partial(_build_network, MLPDenoiser, {}))
+register_denoiser("conv", functools.partial(_build_network, ConvDenoiser, {}))
+register_denoiser("gaussian", _fit_gaussian)
+for _kind in RESIDUAL_KINDS:
+    register_denoiser(f"gaussian-residual-{_kind}", functools.partial(_fit_gaussian_residual, _kind))

@@ -1,0 +1,225 @@
+"""Training-free denoiser: the exact eps of a per-position Gaussian fitted on training features.
+
+If the features at grid position p are distributed as ``N(mu_p, Sigma_p)`` and ``Sigma_p = U diag(l) U^T``,
+the noisy marginal at alpha-bar ``a`` is ``N(sqrt(a) mu_p, a Sigma_p + (1 - a) I)`` and the optimal noise
+prediction is
+
+    eps*(x_t, t) = sqrt(1 - a) U diag(1 / (a l + 1 - a)) U^T (x_t - sqrt(a) mu_p).
+
+Deterministic DDIM inversion with this eps maps features to their whitened deviation
+``Sigma_p^{-1/2} (x_0 - mu_p)`` at the end of the schedule, which makes the InvAD scores PaDiM-like
+Mahalanobis statistics. Covariances are estimated with Ledoit-Wolf shrinkage (or kept diagonal).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+
+from ..schedule import linear_alphas_cumprod
+from ._layers import DenoiserOutput, as_timesteps, check_sample, grid_hw
+
+__all__ = ["GaussianDenoiser", "ledoit_wolf", "schedule_alphas_cumprod"]
+
+COVARIANCES = ("full", "diagonal")
+SHRINKAGES = ("ledoit_wolf", "diagonal")
+BETA_SCHEDULES = ("linear", "scaled_linear")
+
+
+def schedule_alphas_cumprod(
+    num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str
+) -> torch.Tensor:
+    """Alpha-bar of a DDPM beta schedule in float64, shape ``(T,)``.
+
+    Args:
+        num_train_timesteps: T.
+        beta_start: first beta.
+        beta_end: last beta.
+        beta_schedule: ``linear`` (betas evenly spaced) or ``scaled_linear`` (square roots evenly spaced), as
+            in diffusers' ``DDPMScheduler``.
+
+    Raises:
+        ValueError: an unknown ``beta_schedule``.
+    """
+    if beta_schedule == "linear":
+        return linear_alphas_cumprod(num_train_timesteps, beta_start, beta_end)
+    if beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        return torch.cumprod(1.0 - betas, dim=0)
+    raise ValueError(f"unknown beta_schedule {beta_schedule!r}; choose one of {BETA_SCHEDULES}")
+
+
+def ledoit_wolf(x: torch.Tensor, assume_centered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ledoit-Wolf shrunk covariance, batched over leading dimensions.
+
+    ``Sigma = (1 - s) S + s mu I`` with ``S`` the (biased) empirical covariance, ``mu = trace(S) / C`` and the
+    shrinkage ``s`` of Ledoit & Wolf (2004), "A well-conditioned estimator for large-dimensional covariance
+    matrices", with the same estimate as ``sklearn.covariance.LedoitWolf``.
+
+    Args:
+        x: samples ``(..., N, C)``.
+        assume_centered: treat ``x`` as already centred (no mean subtracted).
+
+    Returns:
+        The covariance ``(..., C, C)`` and the shrinkage ``(...)``, both float64.
+    """
+    x = x.to(torch.float64)
+    if not assume_centered:
+        x = x - x.mean(dim=-2, keepdim=True)
+    n, c = x.shape[-2:]
+    emp = x.mT @ x / n
+    mu = emp.diagonal(dim1=-2, dim2=-1).sum(-1) / c
+    emp_sq = emp.square().sum(dim=(-2, -1))
+    # beta: variance of the entries of x x^T around S; delta: squared distance of S from mu I (both / C)
+    beta = (x.square().sum(-1).square().sum(-1) / n - emp_sq) / (c * n)
+    delta = (emp_sq - c * mu.square()) / c
+    beta = torch.minimum(beta, delta)
+    shrinkage = torch.where(delta > 0, beta / delta.clamp_min(torch.finfo(delta.dtype).tiny), 0.0)
+    identity = torch.eye(c, dtype=x.dtype, device=x.device)
+    s = shrinkage[..., None, None]
+    return (1 - s) * emp + s * mu[..., None, None] * identity, shrinkage
+
+
+class GaussianDenoiser(ModelMixin, ConfigMixin):
+    """Closed-form eps of a per-position Gaussian prior on the features; nothing to train.
+
+    Build it with :meth:`fit`. The statistics are buffers saved by ``save_pretrained``: ``mean`` ``(P, C)``,
+    ``eigenvalues`` ``(P, C)`` and, for a full covariance, ``eigenvectors`` ``(P, C, C)`` (columns), with
+    ``P = h * w`` positions in row-major order. Before fitting they describe ``N(0, I)``. The model has no
+    parameters; the closed form runs in the buffers' dtype with autocast disabled.
+
+    Args:
+        in_channels: feature channels C.
+        sample_size: feature grid, an int (square) or ``(h, w)``; inputs must have this grid.
+        covariance: ``full`` (eigendecomposition per position) or ``diagonal`` (per-channel variances).
+        num_train_timesteps: T of the diffusion schedule the eps belongs to.
+        beta_start: first beta of that schedule.
+        beta_end: last beta.
+        beta_schedule: ``linear`` or ``scaled_linear`` (computed in float64, like ``DDPMScheduler``'s values).
+
+    Raises:
+        ValueError: an unknown ``covariance`` or ``beta_schedule``.
+
+    Example:
+        >>> model = GaussianDenoiser.fit(torch.randn(64, 8, 4, 4))
+        >>> model(torch.randn(2, 8, 4, 4), torch.tensor([0, 999])).sample.shape
+        torch.Size([2, 8, 4, 4])
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 192,
+        sample_size: int | tuple[int, int] = 16,
+        covariance: Literal["full", "diagonal"] = "full",
+        num_train_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+    ) -> None:
+        super().__init__()
+        if covariance not in COVARIANCES:
+            raise ValueError(f"unknown covariance {covariance!r}; choose one of {COVARIANCES}")
+        self.grid = grid_hw(sample_size)
+        positions = self.grid[0] * self.grid[1]
+        self.alphas_cumprod = schedule_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule)
+        self.register_buffer("mean", torch.zeros(positions, in_channels))
+        self.register_buffer("eigenvalues", torch.ones(positions, in_channels))
+        if covariance == "full":
+            self.register_buffer("eigenvectors", torch.eye(in_channels).expand(positions, -1, -1).clone())
+
+    @classmethod
+    def fit(
+        cls,
+        features: torch.Tensor,
+        *,
+        shrinkage: Literal["ledoit_wolf", "diagonal"] = "ledoit_wolf",
+        min_variance: float = 1e-6,
+        chunk_size: int = 32,
+        **schedule: int | float | str,
+    ) -> GaussianDenoiser:
+        """Fit the mean and covariance of every grid position on training features.
+
+        Args:
+            features: features of normal images ``(N, C, h, w)``, ``N >= 2``.
+            shrinkage: ``ledoit_wolf`` (full covariance, Ledoit-Wolf shrinkage, as PaDiM-style detectors) or
+                ``diagonal`` (per-channel variances only).
+            min_variance: floor for the eigenvalues (variances), keeping the closed form finite at ``t = 0``.
+            chunk_size: positions processed at once (bounds the float64 working memory).
+            **schedule: ``num_train_timesteps``, ``beta_start``, ``beta_end``, ``beta_schedule`` of the
+                diffusion schedule (defaults: diffusers' ``DDPMScheduler``).
+
+        Returns:
+            A fitted :class:`GaussianDenoiser` on the CPU with float32 buffers.
+
+        Raises:
+            ValueError: features not ``(N, C, h, w)`` with ``N >= 2``, non-finite values, or an unknown
+                ``shrinkage``.
+        """
+        if shrinkage not in SHRINKAGES:
+            raise ValueError(f"unknown shrinkage {shrinkage!r}; choose one of {SHRINKAGES}")
+        if features.dim() != 4 or features.shape[0] < 2:
+            raise ValueError(f"features must have shape (N, C, h, w) with N >= 2, got {tuple(features.shape)}")
+        if not torch.isfinite(features).all():
+            raise ValueError("features contain NaN or infinite values")
+        _, channels, h, w = features.shape
+        model = cls(
+            in_channels=channels,
+            sample_size=h if h == w else (h, w),
+            covariance="full" if shrinkage == "ledoit_wolf" else "diagonal",
+            **schedule,
+        )
+        samples = features.detach().flatten(2).permute(2, 0, 1)  # (P, N, C)
+        means, values, vectors = [], [], []
+        for chunk in samples.split(chunk_size):
+            chunk = chunk.to(torch.float64)
+            means.append(chunk.mean(dim=1))
+            if shrinkage == "diagonal":
+                values.append(chunk.var(dim=1, correction=0))
+            else:
+                chunk_values, chunk_vectors = torch.linalg.eigh(ledoit_wolf(chunk)[0])
+                values.append(chunk_values)
+                vectors.append(chunk_vectors)
+        model.mean.copy_(torch.cat(means))
+        model.eigenvalues.copy_(torch.cat(values).clamp_min(min_variance))
+        if vectors:
+            model.eigenvectors.copy_(torch.cat(vectors))
+        return model
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor | int, return_dict: bool = True
+    ) -> DenoiserOutput | tuple[torch.Tensor]:
+        """The exact eps of the fitted Gaussian at noise level ``t``.
+
+        Args:
+            sample: noisy features ``(B, C, h, w)``.
+            timestep: integer training timesteps in ``[0, T - 1]``, a scalar or ``(B,)``.
+            return_dict: return a :class:`DenoiserOutput` (else a 1-tuple).
+
+        Returns:
+            eps ``(B, C, h, w)`` in the dtype of ``sample``.
+
+        Raises:
+            ValueError: a wrong input shape or a timestep outside ``[0, T - 1]``.
+        """
+        check_sample(sample, self.config.in_channels, self.grid)
+        b, c, h, w = sample.shape
+        t = as_timesteps(timestep, b, sample.device).round().long()
+        if (t < 0).any() or (t >= len(self.alphas_cumprod)).any():
+            raise ValueError(f"timesteps must lie in [0, {len(self.alphas_cumprod) - 1}], got {t.tolist()}")
+        ab = self.alphas_cumprod.to(sample.device)[t][:, None, None]  # float64 (B, 1, 1)
+        dtype = self.mean.dtype
+        with torch.autocast(device_type=sample.device.type, enabled=False):
+            x = sample.to(dtype).flatten(2).transpose(1, 2)  # (B, P, C)
+            deviation = x - ab.sqrt().to(dtype) * self.mean
+            gain = (1 - ab).sqrt().to(dtype) / (ab.to(dtype) * self.eigenvalues + (1 - ab).to(dtype))
+            if self.config.covariance == "diagonal":
+                eps = gain * deviation
+            else:
+                rotated = torch.einsum("pij,bpi->bpj", self.eigenvectors, deviation)  # U^T d
+                eps = torch.einsum("pij,bpj->bpi", self.eigenvectors, gain * rotated)
+        out = eps.transpose(1, 2).reshape(b, c, h, w).to(sample.dtype)
+        return DenoiserOutput(sample=out) if return_dict else (out,)

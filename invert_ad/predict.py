@@ -1,0 +1,127 @@
+"""Score files and folders with a saved detector, streaming in batches (bounded memory), skipping bad images."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data import IMAGE_EXTENSIONS, ImageDataset, ImageRecord, collate_samples, list_images
+from .io import atomic_write_text
+from .pipeline import AnomalyDetector
+
+__all__ = ["expand_inputs", "predict_paths"]
+
+FIELDS = ("path", "pred_score", "pred_label", "raw_score", "height", "width", "error")
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files as given, folders expanded to the images directly inside them, in order.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+    """
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths.extend(list_images(item))
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {item}")
+    return paths
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def predict_paths(
+    model: str | os.PathLike | AnomalyDetector,
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    maps_dir: str | os.PathLike | None = None,
+    threshold: float | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Predict every image under ``inputs`` and write one row per image to ``out`` (``.json`` or ``.csv``).
+
+    Rows carry anomalib's field names (``pred_score`` normalised to [0, 1] with the threshold at 0.5,
+    ``pred_label``), the ``raw_score``, the original size and ``error`` for images that could not be read
+    (those are reported and skipped; the rest are scored). With ``maps_dir``, each image's ``anomaly_map``
+    (8-bit PNG of the normalised map at the original size, 128 = threshold) and ``pred_mask`` are saved.
+
+    Returns:
+        ``{"out": ..., "num_images": N, "num_anomalous": K, "num_failed": F}``.
+    """
+    out = Path(out)
+    if out.suffix.lower() not in (".json", ".csv"):
+        raise ValueError(f"--out must end in .json or .csv, got {out.name}")
+    detector = model if isinstance(model, AnomalyDetector) else AnomalyDetector.from_pretrained(model, device=device)
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {list(map(str, inputs))}")
+    records = [ImageRecord(path=p, label=0, defect_type="unknown") for p in paths]
+    dataset = ImageDataset(records, image_size=detector.image_size, skip_bad=True, description="inputs")
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples)
+    rows: list[dict[str, Any]] = []
+    with tqdm(total=len(paths), desc="predicting", unit="image", disable=not progress) as bar:
+        for batch in loader:
+            rows.extend({"path": p, "error": "unreadable image"} for p in batch["skipped"])
+            if len(batch["path"]):
+                sizes = [tuple(int(v) for v in s) for s in batch["original_size"]]
+                for path, size, pred in zip(
+                    batch["path"], sizes, detector.predict(batch["image"], sizes, threshold), strict=True
+                ):
+                    rows.append(
+                        {
+                            "path": path,
+                            "pred_score": pred.pred_score,
+                            "pred_label": pred.pred_label,
+                            "raw_score": pred.raw_score,
+                            "height": size[0],
+                            "width": size[1],
+                            "error": None,
+                        }
+                    )
+                    if maps_dir is not None:
+                        stem = Path(maps_dir) / Path(path).stem
+                        _save_png(
+                            (pred.anomaly_map.numpy() * 255).round().astype(np.uint8), stem.with_suffix(".map.png")
+                        )
+                        _save_png(pred.pred_mask.numpy().astype(np.uint8) * 255, stem.with_suffix(".mask.png"))
+            bar.update(len(batch["path"]) + len(batch["skipped"]))
+    order = {str(p): i for i, p in enumerate(paths)}
+    rows.sort(key=lambda r: order.get(r["path"], len(order)))
+    if out.suffix.lower() == ".json":
+        atomic_write_text(out, json.dumps(rows, indent=2) + "\n")
+    else:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k) for k in FIELDS} for r in rows)
+        atomic_write_text(out, buffer.getvalue())
+    failed = sum(r["error"] is not None for r in rows)
+    return {
+        "out": str(out),
+        "num_images": len(rows),
+        "num_anomalous": sum(bool(r.get("pred_label")) for r in rows),
+        "num_failed": failed,
+    }
