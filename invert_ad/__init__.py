@@ -1,14 +1,24 @@
-"""invert_ad: reconstruction-free anomaly detection by diffusion inversion (InvAD, OSD-IRF)."""
+"""invert_ad: reconstruction-free anomaly detection by diffusion inversion (InvAD, OSD-IRF).
+
+Core objects: :class:`InversionScorer` (features in, scores out) and :class:`AnomalyDetector` (images in,
+decisions out). Subpackages: ``adapters``, ``data``, ``features``, ``metrics``, ``models``, ``scoring``,
+``training``, ``viz``.
+"""
 
 from ._version import __version__
+from .calibration import Calibration
+from .pipeline import AnomalyDetector, Prediction
 from .schedule import InversionGrid, resolve_grid
 from .scorer import InversionScorer, ScoreOutput
 from .scoring import NotFittedError, Scorer, create_scorer, list_scorers, register_scorer
 
 __all__ = [
+    "AnomalyDetector",
+    "Calibration",
     "InversionGrid",
     "InversionScorer",
     "NotFittedError",
+    "Prediction",
     "ScoreOutput",
     "Scorer",
     "__version__",

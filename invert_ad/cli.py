@@ -36,7 +36,7 @@ def _training_config(args: argparse.Namespace):
 
 
 def _add_training_args(p: argparse.ArgumentParser, minutes: float | None) -> None:
-    from .training.recipe import DEFAULT_BACKBONE, DEFAULT_DENOISER
+    from .defaults import DEFAULT_BACKBONE, DEFAULT_DENOISER
 
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"feature extractor (default {DEFAULT_BACKBONE})")
     p.add_argument("--denoiser", default=DEFAULT_DENOISER, help=f"denoiser preset (default {DEFAULT_DENOISER})")

@@ -18,6 +18,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from ..data import FeatureCache, FolderDataset, ImageDataset, MVTecDataset, cached_features
+from ..defaults import DEFAULT_BACKBONE, DEFAULT_DENOISER
 from ..features import create_feature_extractor
 from ..models import create_denoiser
 from ..pipeline import AnomalyDetector, channel_statistics
@@ -36,9 +37,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_BACKBONE = "efficientnet_lite0"
-DEFAULT_DENOISER = "gaussian-residual-conv"
 
 
 def default_cache_dir() -> Path:
