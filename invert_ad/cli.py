@@ -98,20 +98,9 @@ def _evaluate(args: argparse.Namespace, model: Any, data: Any, out: Path) -> dic
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
-    keys = (
-        "image_auroc",
-        "image_ap",
-        "image_f1max",
-        "pixel_auroc",
-        "pixel_ap",
-        "pixel_f1max",
-        "aupro",
-        "mad",
-        "num_images",
-        "nfe",
-        "latency_ms_batch1",
-        "throughput_images_per_s",
-    )
+    from .metrics import METRIC_KEYS
+
+    keys = (*METRIC_KEYS, "num_images", "nfe", "latency_ms_batch1", "throughput_images_per_s")
     return {k: report.get(k) for k in keys}
 
 
