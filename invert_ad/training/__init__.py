@@ -5,7 +5,16 @@ lazily so that the loop itself needs no backbone or dataset code.
 """
 
 from .config import TrainingConfig
-from .loop import CHECKPOINT_NAME, TrainResult, train_denoiser
+from .loop import CHECKPOINT_NAME, TrainResult, init_distributed_from_env, rank_and_world, train_denoiser
 from .schedule import ema_decay_at, learning_rate_at
 
-__all__ = ["CHECKPOINT_NAME", "TrainResult", "TrainingConfig", "ema_decay_at", "learning_rate_at", "train_denoiser"]
+__all__ = [
+    "CHECKPOINT_NAME",
+    "TrainResult",
+    "TrainingConfig",
+    "ema_decay_at",
+    "init_distributed_from_env",
+    "learning_rate_at",
+    "rank_and_world",
+    "train_denoiser",
+]

@@ -22,7 +22,7 @@ from ..io import atomic_torch_save, load_torch_checkpoint
 from .config import TrainingConfig
 from .schedule import ema_decay_at, learning_rate_at
 
-__all__ = ["CHECKPOINT_NAME", "TrainResult", "train_denoiser"]
+__all__ = ["CHECKPOINT_NAME", "TrainResult", "init_distributed_from_env", "rank_and_world", "train_denoiser"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _RESUME_KEYS = ("batch_size", "learning_rate", "min_learning_rate", "warmup_fraction", "seed", "ema_decay")
@@ -47,10 +47,25 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def _rank_and_world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised process group, ``(0, 1)`` without one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def init_distributed_from_env() -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE > 1``).
+
+    Uses NCCL when CUDA is available, else gloo. Does nothing for a single process or when a group exists.
+
+    Returns:
+        ``(rank, world_size)``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank_and_world()
 
 
 def _draw(generator: torch.Generator, features: torch.Tensor, batch_size: int, num_timesteps: int):
@@ -79,7 +94,7 @@ def _time_per_step(model, features, config, alphas_cumprod, probes: int = 3) -> 
     """Seconds per optimiser step, measured on a throwaway copy (no state of the run changes)."""
     trial = copy.deepcopy(model).train()
     generator = torch.Generator().manual_seed(config.seed + 1)
-    _, world = _rank_and_world()
+    _, world = rank_and_world()
     local = config.batch_size // world
     times = []
     for _ in range(probes + 1):
@@ -120,7 +135,7 @@ def train_denoiser(
         raise ValueError(f"need a non-empty batch of training features, got shape {tuple(features.shape)}")
     if not torch.isfinite(features).all():
         raise ValueError("training features contain NaN or infinite values")
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} does not split over {world} processes")
     local = config.batch_size // world

@@ -25,7 +25,7 @@ from ..pipeline import AnomalyDetector, channel_statistics
 from ..schedule import alphas_cumprod_of
 from ..scorer import InversionScorer
 from .config import TrainingConfig
-from .loop import train_denoiser
+from .loop import init_distributed_from_env, train_denoiser
 
 __all__ = [
     "DEFAULT_BACKBONE",
@@ -129,6 +129,7 @@ def train_detector(
     """
     out_dir = Path(out_dir)
     training = training or TrainingConfig()
+    rank, world = init_distributed_from_env()  # under torchrun: every process trains its share of each batch
     extractor = create_feature_extractor(backbone, image_size=image_size).to(device)
     dataset = open_dataset(data, "train", extractor.image_size)
     cache = FeatureCache(cache_dir or default_cache_dir())
@@ -155,6 +156,8 @@ def train_detector(
         model, steps, seconds = result.model, result.steps, result.seconds
         final_loss = sum(result.losses[-20:]) / max(1, len(result.losses[-20:])) if result.losses else None
     model = model.eval().requires_grad_(False)
+    if world > 1:
+        torch.distributed.barrier()
 
     scorer = InversionScorer(model, scheduler, timesteps=timesteps, scoring=scoring)
     scorer.fit(holdout_features.to(device))
@@ -172,8 +175,9 @@ def train_detector(
         "training": training.to_dict(),
     }
     card_training = ", ".join(f"{k}: {v}" for k, v in info.items() if k != "training")
-    detector.save_pretrained(out_dir, model_card={"dataset": info["data"], "training": card_training})
-    if steps:
-        shutil.rmtree(out_dir.with_name(out_dir.name + ".checkpoint"), ignore_errors=True)
-    logger.info("saved detector to %s", out_dir)
+    if rank == 0:  # one writer; the other processes hold the same weights
+        detector.save_pretrained(out_dir, model_card={"dataset": info["data"], "training": card_training})
+        if steps:
+            shutil.rmtree(out_dir.with_name(out_dir.name + ".checkpoint"), ignore_errors=True)
+        logger.info("saved detector to %s", out_dir)
     return TrainSummary(detector, out_dir, len(train_idx), len(holdout_idx), steps, seconds, final_loss, info)
