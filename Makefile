@@ -17,9 +17,11 @@ venv: $(VENV)/.installed
 demo: venv
 	HF_HUB_OFFLINE=1 $(VENV)/bin/invert-ad demo --out runs/demo $(ARGS)
 
+LINT_PATHS := $(wildcard invert_ad tests examples benchmarks)
+
 lint: venv
-	$(VENV)/bin/ruff check invert_ad tests examples benchmarks
-	$(VENV)/bin/ruff format --check invert_ad tests examples benchmarks
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 test: venv lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(ARGS)
