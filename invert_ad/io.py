@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import uuid
@@ -86,21 +87,31 @@ def load_torch_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = F
 
     Raises:
         ValueError: the file holds objects other than tensors and plain containers and
-            ``allow_unsafe_pickle`` is false.
+            ``allow_unsafe_pickle`` is false, or it is truncated, corrupt or not a ``torch.save`` file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+    except pickle.UnpicklingError as err:  # what weights_only=True raises for objects it will not build
         if not allow_unsafe_pickle:
             raise ValueError(
                 f"refusing to unpickle {path}: it holds objects other than tensors ({type(err).__name__}: "
                 f"{str(err).splitlines()[0][:200]}). Convert it to safetensors, or pass allow_unsafe_pickle=True "
                 "if you trust its source."
             ) from err
+    except Exception as err:  # truncated, corrupt or not a torch.save file at all
+        raise _unreadable(path, err) from err
+    try:
         return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path: Path, err: Exception) -> ValueError:
+    first = str(err).splitlines()[0][:200] if str(err) else ""
+    return ValueError(f"cannot read checkpoint {path} (truncated or corrupt?): {type(err).__name__}: {first}")
 
 
 @contextlib.contextmanager
@@ -122,6 +133,12 @@ def replace_directory(target: str | os.PathLike) -> Iterator[Path]:
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(target, old)
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except BaseException:  # put the old folder back rather than leave none
+        if old is not None:
+            os.replace(old, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

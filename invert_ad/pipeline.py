@@ -290,16 +290,30 @@ or `invert-ad predict --model path/or/hub-id IMAGES...`.
         config = load_json(folder / CONFIG_NAME)
         scorer = InversionScorer.from_pretrained(folder, device=device, **scorer_overrides)
         extractor_config = dict(config["feature_extractor"])
-        extractor = create_feature_extractor(extractor_config.pop("name"), **extractor_config)
+        name = extractor_config.pop("name", None)
+        expected = denoiser_in_channels(scorer.denoiser)
+        try:
+            extractor = create_feature_extractor(name, **extractor_config)
+        except (ValueError, RuntimeError, ImportError, OSError) as err:  # say which file asked for it
+            raise type(err)(
+                f"{folder / CONFIG_NAME}: cannot build its feature extractor {name!r} (the denoiser expects "
+                f"{expected} channels): {err}"
+            ) from err
         if device is not None:
             extractor = extractor.to(device)
-        expected = denoiser_in_channels(scorer.denoiser)
         if expected is not None and extractor.channels != expected:
             raise ValueError(
                 f"{folder}: feature extractor {config['feature_extractor'].get('name')} gives {extractor.channels} "
                 f"channels but the denoiser expects {expected}"
             )
         state = load_tensors(folder / STATE_NAME)
+        for key in ("feature_mean", "feature_std") if config.get("standardize_features") else ():
+            shape = tuple(state[key].shape) if key in state else None
+            if shape != (extractor.channels,):
+                raise ValueError(
+                    f"{folder / STATE_NAME}: {key} has shape {shape} but {CONFIG_NAME} asks for standardised "
+                    f"features of the {extractor.channels}-channel extractor {name!r}"
+                )
         calibration = Calibration.from_dict(config["calibration"]) if config.get("calibration") else None
         return cls(
             extractor,

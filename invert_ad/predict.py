@@ -46,8 +46,11 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(buffer, format="PNG")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(buffer.getvalue())
+        os.replace(tmp, path)
+    finally:  # a failed write or rename leaves no partial file behind
+        tmp.unlink(missing_ok=True)
 
 
 def predict_paths(

@@ -316,8 +316,25 @@ class InversionScorer:
         """
         folder = resolve_model_dir(pretrained, revision=revision, token=token)
         config = load_json(folder / CONFIG_NAME)
-        denoiser_config = load_json(folder / "denoiser" / "config.json")
-        denoiser = model_class(denoiser_config.get("_class_name", "")).from_pretrained(folder / "denoiser")
+        denoiser_dir = folder / "denoiser"
+        denoiser_config = load_json(denoiser_dir / "config.json")
+        denoiser_cls = model_class(denoiser_config.get("_class_name", ""))
+        shape_keys = ("in_channels", "out_channels", "sample_size")
+        described = {k: denoiser_config[k] for k in shape_keys if k in denoiser_config}
+        try:
+            denoiser, info = denoiser_cls.from_pretrained(denoiser_dir, output_loading_info=True)
+        except (ValueError, RuntimeError) as err:  # diffusers' shape-mismatch errors name neither file
+            why = str(err).split(" If you want to instead overwrite")[0].strip() or type(err).__name__
+            raise ValueError(
+                f"the weights in {denoiser_dir} do not match its config.json ({denoiser_cls.__name__} {described}): "
+                f"{why}"
+            ) from err
+        wrong = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+        if wrong:  # diffusers only warns, and leaves missing tensors at their initial values
+            raise ValueError(
+                f"the weights in {denoiser_dir} do not match its config.json ({denoiser_cls.__name__} {described}): "
+                f"{wrong}"
+            )
         denoiser = denoiser.eval().requires_grad_(False)
         if device is not None:
             denoiser = denoiser.to(device)

@@ -142,7 +142,11 @@ def train_detector(
     overrides = dict(denoiser_overrides or {})
     if denoiser.startswith("gaussian"):
         overrides.setdefault("features", train_features)
-    model = create_denoiser(denoiser, in_channels=features.shape[1], grid_size=tuple(features.shape[2:]), **overrides)
+    with torch.random.fork_rng(devices=[]):  # initial weights follow training.seed; the global RNG is restored
+        torch.manual_seed(training.seed)
+        model = create_denoiser(
+            denoiser, in_channels=features.shape[1], grid_size=tuple(features.shape[2:]), **overrides
+        )
     model = model.to(device)
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False
