@@ -6,10 +6,11 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = [
+    "UnsafeCheckpointError",
     "atomic_save_tensors",
     "atomic_torch_save",
     "atomic_write_json",
     "atomic_write_text",
+    "load_checkpoint",
     "load_tensors",
     "load_torch_checkpoint",
     "replace_directory",
+    "strip_wrapper_prefixes",
 ]
+
+_ORIG_MOD = re.compile(r"(^|\.)_orig_mod\.")
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 
@@ -77,6 +83,23 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
 
 
+class UnsafeCheckpointError(ValueError):
+    """A pickled checkpoint needs arbitrary Python objects: it was refused, never executed."""
+
+
+def load_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> Any:
+    """Read weights from a ``.safetensors`` file or a pickled torch file (``weights_only=True``), on the CPU.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeCheckpointError: a pickle that needs arbitrary objects (unless ``allow_unsafe_pickle``).
+        ValueError: a truncated or corrupt file.
+    """
+    if Path(path).suffix == ".safetensors":
+        return load_tensors(path)
+    return load_torch_checkpoint(path, allow_unsafe_pickle)
+
+
 def load_torch_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> Any:
     """Read a ``.pt`` / ``.pth`` / ``.ckpt`` checkpoint with ``torch.load(weights_only=True)``.
 
@@ -86,8 +109,9 @@ def load_torch_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = F
             trust.
 
     Raises:
-        ValueError: the file holds objects other than tensors and plain containers and
-            ``allow_unsafe_pickle`` is false, or it is truncated, corrupt or not a ``torch.save`` file.
+        UnsafeCheckpointError: the file holds objects other than tensors and plain containers and
+            ``allow_unsafe_pickle`` is false.
+        ValueError: it is truncated, corrupt or not a ``torch.save`` file.
     """
     path = Path(path)
     if not path.is_file():
@@ -96,10 +120,10 @@ def load_torch_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = F
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # what weights_only=True raises for objects it will not build
         if not allow_unsafe_pickle:
-            raise ValueError(
-                f"refusing to unpickle {path}: it holds objects other than tensors ({type(err).__name__}: "
-                f"{str(err).splitlines()[0][:200]}). Convert it to safetensors, or pass allow_unsafe_pickle=True "
-                "if you trust its source."
+            raise UnsafeCheckpointError(
+                f"refusing to unpickle {path}: it holds objects other than tensors, so it was not unpickled "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). Convert it to safetensors, or pass "
+                "allow_unsafe_pickle=True if you trust its source."
             ) from err
     except Exception as err:  # truncated, corrupt or not a torch.save file at all
         raise _unreadable(path, err) from err
@@ -142,3 +166,21 @@ def replace_directory(target: str | os.PathLike) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove ``_orig_mod.`` segments (``torch.compile``, anywhere in a key) and leading ``module.`` prefixes
+    (``DataParallel`` / DDP, repeated), e.g. ``module._orig_mod.conv.weight`` -> ``conv.weight``.
+
+    Raises:
+        ValueError: two keys become the same name.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        name = _ORIG_MOD.sub(r"\1", key)
+        while name.startswith("module."):
+            name = name[len("module.") :]
+        if name in out:
+            raise ValueError(f"keys collide after removing wrapper prefixes: {name!r} (from {key!r})")
+        out[name] = value
+    return out

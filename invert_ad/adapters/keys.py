@@ -13,14 +13,13 @@ objects to unpickle is refused (:class:`UnsafeCheckpointError`) rather than exec
 from __future__ import annotations
 
 import os
-import pickle
-import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..io import UnsafeCheckpointError, load_checkpoint, strip_wrapper_prefixes
 
 __all__ = [
     "STATE_DICT_KEYS",
@@ -36,12 +35,7 @@ __all__ = [
 STATE_DICT_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "unet_model_state_dict")
 """Keys under which training scripts nest the weights (Lightning, common scripts, DiffusionAD), tried in order."""
 
-_ORIG_MOD = re.compile(r"(^|\.)_orig_mod\.")
 _MAX_LISTED = 8
-
-
-class UnsafeCheckpointError(ValueError):
-    """A pickled checkpoint holds objects other than tensors and plain containers; it was not unpickled."""
 
 
 class StateDictMismatchError(RuntimeError):
@@ -74,39 +68,6 @@ class StateDictMismatchError(RuntimeError):
                 shown = ", ".join(items[:_MAX_LISTED]) + (f", ... ({more} more)" if more > 0 else "")
                 lines.append(f"  {len(items)} {title}: {shown}")
         super().__init__("\n".join(lines))
-
-
-def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> Any:
-    """Read a checkpoint file safely.
-
-    Args:
-        path: a ``.safetensors`` file (read with ``safetensors.torch.load_file``) or a pickled torch file
-            (``.pt``, ``.pth``, ``.ckpt``, ..., read with ``torch.load(weights_only=True)``).
-        map_location: where to put the tensors.
-
-    Returns:
-        What the file holds: a flat ``{name: tensor}`` dict for safetensors, any tensor container for pickles.
-
-    Raises:
-        FileNotFoundError: no such file.
-        UnsafeCheckpointError: the pickle needs arbitrary Python objects (it is refused, never executed).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device=str(map_location))
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UnsafeCheckpointError(
-            f"{path} holds Python objects other than tensors and plain containers, so it was not unpickled "
-            "(torch.load(weights_only=True) refused it; unpickling arbitrary objects can run arbitrary code). "
-            "If you trust the file, re-save only its tensors, e.g. as .safetensors, in a trusted environment. "
-            f"First line of torch's message: {str(err).splitlines()[0] if str(err) else '(none)'}"
-        ) from err
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -144,24 +105,6 @@ def extract_state_dict(checkpoint: Any, key: str | None = None) -> dict[str, tor
     if not _is_tensor_dict(checkpoint[key]):
         raise ValueError(f"the checkpoint entry {key!r} is not a non-empty mapping of names to tensors")
     return dict(checkpoint[key])
-
-
-def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove ``_orig_mod.`` segments (``torch.compile``, anywhere in a key) and leading ``module.`` prefixes
-    (``DataParallel`` / DDP, repeated), e.g. ``module._orig_mod.conv.weight`` -> ``conv.weight``.
-
-    Raises:
-        ValueError: two keys become the same name.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        name = _ORIG_MOD.sub(r"\1", key)
-        while name.startswith("module."):
-            name = name[len("module.") :]
-        if name in out:
-            raise ValueError(f"keys collide after removing wrapper prefixes: {name!r} (from {key!r})")
-        out[name] = value
-    return out
 
 
 def find_prefix(state_dict: Mapping[str, torch.Tensor], expected: list[str] | tuple[str, ...] | set[str]) -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..io import load_checkpoint, strip_wrapper_prefixes
+
 __all__ = [
     "WeightsError",
     "find_weights_file",
@@ -31,7 +33,6 @@ __all__ = [
 _COUNTER_SUFFIX = "num_batches_tracked"
 _PREFERRED_FILES = ("model.safetensors", "pytorch_model.bin")
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _NESTING_KEYS = ("state_dict", "model")
 _LITE_ARCHITECTURE = re.compile(r"tf_efficientnet_(lite[0-4])")
 _SHOWN = 5
@@ -43,12 +44,6 @@ class WeightsError(RuntimeError):
 
 def _is_counter(key: str) -> bool:
     return key.endswith(_COUNTER_SUFFIX)
-
-
-def _strip_wrappers(key: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        key = key.removeprefix(prefix)
-    return key
 
 
 def find_weights_file(folder: str | os.PathLike) -> Path:
@@ -87,22 +82,15 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any failure to deserialise: say which file and how it was read
-        raise WeightsError(
-            f"cannot read weights from {path} (safetensors, or torch.load weights_only=True): {err}"
-        ) from err
+        state = load_checkpoint(path)
+    except ValueError as err:  # refused pickle, truncated or corrupt file: say which file, as a WeightsError
+        raise WeightsError(f"cannot read weights from {path}: {err}") from err
     for key in _NESTING_KEYS:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path} does not hold a state dict of tensors (found {type(state).__name__})")
-    return {_strip_wrappers(k): v for k, v in state.items()}
+    return strip_wrapper_prefixes(state)
 
 
 def hub_weights_file(repo_id: str, *, backbone: str) -> Path:
