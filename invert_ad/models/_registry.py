@@ -131,6 +131,15 @@ def _fit_gaussian(
     return GaussianDenoiser.fit(features, **fit_kwargs)
 
 
+RESIDUAL_PRESETS: dict[str, dict[str, Any]] = {
+    "conv": {"width": 128, "depth": 2, "num_groups": 32},
+    "mlp": {"hidden_size": 256, "depth": 2},
+    "dit": {"hidden_size": 128, "depth": 2, "num_heads": 4},
+}
+"""CPU-sized residual networks of the Gaussian-residual presets (a residual only has to learn what a
+per-position Gaussian misses); ``residual_config`` entries override them."""
+
+
 def _fit_gaussian_residual(
     residual_kind: str,
     in_channels: int,
@@ -140,7 +149,8 @@ def _fit_gaussian_residual(
     **fit_kwargs: Any,
 ) -> GaussianResidualDenoiser:
     gaussian = _fit_gaussian(in_channels, grid_size, features, **fit_kwargs)
-    return GaussianResidualDenoiser.from_gaussian(gaussian, residual_kind, residual_config)
+    config = {**RESIDUAL_PRESETS[residual_kind], **(residual_config or {})}
+    return GaussianResidualDenoiser.from_gaussian(gaussian, residual_kind, config)
 
 
 for _name, _preset in DIT_PRESETS.items():

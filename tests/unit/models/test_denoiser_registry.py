@@ -72,7 +72,10 @@ def test_gaussian_residual_presets_pick_their_residual(train_features: torch.Ten
     assert isinstance(model, GaussianResidualDenoiser)
     assert model.config.covariance == "diagonal"
     assert model.config.residual_kind == "dit"
-    assert model.config.residual_config["hidden_size"] == 256  # dit-s
+    assert model.config.residual_config["hidden_size"] == 128  # the CPU-sized residual preset
+    assert model.config.residual_config["depth"] == 2
+    wide = create_denoiser("gaussian-residual-dit", 8, 4, features=train_features, residual_config={"hidden_size": 64})
+    assert wide.config.residual_config["hidden_size"] == 64 and wide.config.residual_config["depth"] == 2
 
 
 @pytest.mark.parametrize("preset", PRESETS)
