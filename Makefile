@@ -26,5 +26,8 @@ lint: venv
 test: venv lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(ARGS)
 
+docs: venv
+	$(VENV)/bin/mkdocs build --strict -d site
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,4 +1,4 @@
-"""The ``invert-ad`` command: train, evaluate, predict, demo, info.
+"""The ``invert-ad`` command: train, evaluate, predict, export, demo, info.
 
 Heavy imports happen inside the subcommands, so ``invert-ad --help`` answers at once.
 """
@@ -176,6 +176,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx, export_torch
+    from .pipeline import AnomalyDetector
+
+    detector = AnomalyDetector.from_pretrained(args.model, device=args.device)
+    fmt = args.format or ("torch" if args.out.suffix == ".pt2" else "onnx")
+    if fmt == "onnx":
+        result = export_onnx(detector, args.out, **({} if args.opset is None else {"opset": args.opset}))
+    else:
+        result = export_torch(detector, args.out)
+    print(json.dumps({"out": str(result.path), "format": fmt, "max_rel_diff": result.max_rel_diff}, indent=2))
+    return 0
+
+
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--mode", choices=["exact", "histogram", "invad"], default="exact", help="metric computation")
@@ -222,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(p, minutes=3.0)
     _add_eval_args(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="write the whole scoring path as one ONNX or torch.export file, checked")
+    p.add_argument("--model", required=True, help="model folder or Hub repo id")
+    p.add_argument("--out", required=True, type=Path, help="file to write (.onnx, or .pt2 for torch.export)")
+    p.add_argument("--format", choices=["onnx", "torch"], default=None, help="default: torch for .pt2, else onnx")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="versions and registered components")
     p.set_defaults(func=cmd_info)

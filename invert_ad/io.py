@@ -21,6 +21,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "atomic_save_tensors",
     "atomic_torch_save",
+    "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "load_checkpoint",
@@ -35,11 +36,18 @@ _ORIG_MOD = re.compile(r"(^|\.)_orig_mod\.")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: str | os.PathLike, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give what a plain open() would
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -47,6 +55,11 @@ def _atomic(path: str | os.PathLike, write) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    return _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -72,7 +72,8 @@ class InversionScorer:
             :class:`~invert_ad.scoring.Scorer`.
         irf_timestep: t of the one-step IRF latent.
         reconstruction_timestep: noise level t_r of the reconstruction baseline.
-        reconstruction_steps: denoising calls of the baseline (default: the grid's number of calls).
+        reconstruction_steps: denoising calls of the baseline (default: the grid's number of calls, at most
+            ``reconstruction_timestep``).
         reconstruction_seed: seed of the baseline's fixed noise.
         autocast_dtype: run the denoiser under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16`` on
             CUDA); the ODE update stays in the features' dtype.
@@ -112,7 +113,7 @@ class InversionScorer:
                 raise ValueError(f"{name} must be an int in [0, {num_train_timesteps - 1}], got {value!r}")
         self.irf_timestep = irf_timestep
         self.reconstruction_timestep = reconstruction_timestep
-        self.reconstruction_steps = reconstruction_steps or self.grid.num_calls
+        self.reconstruction_steps = reconstruction_steps or min(self.grid.num_calls, max(reconstruction_timestep, 1))
         if self.reconstruction_steps > max(reconstruction_timestep, 1):
             raise ValueError(
                 f"reconstruction_steps={self.reconstruction_steps} exceeds reconstruction_timestep="

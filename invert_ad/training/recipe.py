@@ -130,6 +130,8 @@ def train_detector(
     out_dir = Path(out_dir)
     training = training or TrainingConfig()
     rank, world = init_distributed_from_env()  # under torchrun: every process trains its share of each batch
+    if world > 1 and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # one GPU per process
     extractor = create_feature_extractor(backbone, image_size=image_size).to(device)
     dataset = open_dataset(data, "train", extractor.image_size)
     cache = FeatureCache(cache_dir or default_cache_dir())
