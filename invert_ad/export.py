@@ -35,8 +35,6 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from ._version import __version__
-from .adapters.diffusers import make_eps_fn
-from .inversion import ddim_integrate, one_step_irf
 from .io import atomic_write_bytes
 from .pipeline import AnomalyDetector, upsample_maps
 
@@ -138,8 +136,6 @@ class ExportableDetector(nn.Module):
         self.feature_extractor = detector.feature_extractor
         self.denoiser = scorer.denoiser
         self.image_size = detector.image_size
-        self._eps = make_eps_fn(scorer.denoiser, scorer.alphas_cumprod, scorer.prediction_type)
-        self._alpha_bars = scorer.grid.alpha_bars(scorer.alphas_cumprod)
 
     def latents(self, features: torch.Tensor) -> torch.Tensor:
         """The latent the scorer reads, as :meth:`InversionScorer.latents` computes it, without its value checks.
@@ -151,13 +147,7 @@ class ExportableDetector(nn.Module):
             The contiguous latent ``(B, C, h, w)`` (``InversionScorer.latents`` concatenates its chunks, and the
             scores' channel reductions depend on the memory layout in the last bit).
         """
-        scorer = self.detector.scorer
-        if scorer.scorer.latent == "irf":
-            t = scorer.irf_timestep
-            latent = one_step_irf(self._eps, features, t, float(scorer.alphas_cumprod[t]))
-        else:
-            latent = ddim_integrate(self._eps, features, scorer.grid.call_points, self._alpha_bars)
-        return latent.contiguous()
+        return self.detector.scorer.compute_latent(features)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Score a batch of images.

@@ -105,6 +105,7 @@ class InversionScorer:
         self.prediction_type = prediction_type_of(scheduler)
         num_train_timesteps = len(self.alphas_cumprod)
         self.grid: InversionGrid = resolve_grid(timesteps, num_train_timesteps)
+        self._grid_alpha_bars = self.grid.alpha_bars(self.alphas_cumprod)  # constants, also for tracing
         self.scorer: Scorer = create_scorer(scoring) if isinstance(scoring, str) else scoring
         if not isinstance(self.scorer, Scorer):
             raise TypeError(f"scoring must be a scorer name or a Scorer instance, got {type(scoring).__name__}")
@@ -188,16 +189,13 @@ class InversionScorer:
         """
         x = self._check_features(features)
         with self._inference():
-            return ddim_integrate(
-                self._eps, x, self.grid.call_points, self.grid.alpha_bars(self.alphas_cumprod), return_trajectory
-            )
+            return ddim_integrate(self._eps, x, self.grid.call_points, self._grid_alpha_bars, return_trajectory)
 
     def irf(self, features: torch.Tensor) -> torch.Tensor:
         """OSD-IRF's one-step field ``eps(sqrt(ab_t) x0, t)`` at ``irf_timestep``, ``(B, C, h, w)``."""
         x = self._check_features(features)
         with self._inference():
-            ab = float(self.alphas_cumprod[self.irf_timestep])
-            return one_step_irf(self._eps, x, self.irf_timestep, ab)
+            return one_step_irf(self._eps, x, self.irf_timestep, float(self.alphas_cumprod[self.irf_timestep]))
 
     def reconstruct(self, features: torch.Tensor) -> torch.Tensor:
         """The baseline: noise to ``reconstruction_timestep`` with fixed noise, DDIM-denoise to clean.
@@ -206,26 +204,39 @@ class InversionScorer:
             The reconstruction ``x0hat``, ``(B, C, h, w)``.
         """
         x0 = self._check_features(features)
+        with self._inference():
+            return self._reconstruct(x0)
+
+    def _reconstruct(self, x0: torch.Tensor) -> torch.Tensor:
         t_r, steps = self.reconstruction_timestep, self.reconstruction_steps
         points = spaced_grid(steps, "uniform", t_r + 1).points[::-1][:-1] if t_r > 0 else (0,)
         ab = self.alphas_cumprod
         alpha_bars = torch.cat([ab[list(points)], ab.new_ones(1)])
         generator = torch.Generator().manual_seed(self.reconstruction_seed)
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
-        with self._inference():
-            x_t = add_noise(x0, noise, float(ab[t_r]))
-            return ddim_integrate(self._eps, x_t, points, alpha_bars)
+        return ddim_integrate(self._eps, add_noise(x0, noise, float(ab[t_r])), points, alpha_bars)
+
+    def compute_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """The latent the scorer reads, without input checks or gradient mode changes (for tracing/export).
+
+        Args:
+            x: features ``(B, C, h, w)`` already on the denoiser's device and dtype.
+
+        Returns:
+            The contiguous latent ``(B, C, h, w)``: final inverted latent, IRF field, or ``x0 - x0hat``.
+        """
+        if self.scorer.latent == "inversion":
+            latent = ddim_integrate(self._eps, x, self.grid.call_points, self._grid_alpha_bars)
+        elif self.scorer.latent == "irf":
+            latent = one_step_irf(self._eps, x, self.irf_timestep, float(self.alphas_cumprod[self.irf_timestep]))
+        else:
+            latent = x - self._reconstruct(x)
+        return latent.contiguous()
 
     def latents(self, features: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """The latent the scorer reads (inversion, IRF or reconstruction residual), ``(B, C, h, w)``."""
-        parts = []
-        for chunk in self._batches(features, batch_size):
-            if self.scorer.latent == "inversion":
-                parts.append(self.invert(chunk))
-            elif self.scorer.latent == "irf":
-                parts.append(self.irf(chunk))
-            else:
-                parts.append(self._check_features(chunk) - self.reconstruct(chunk))
+        with self._inference():
+            parts = [self.compute_latent(self._check_features(chunk)) for chunk in self._batches(features, batch_size)]
         return torch.cat(parts)
 
     # ------------------------------------------------------------------ scoring
