@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,7 +337,8 @@ class InversionScorer:
         try:
             denoiser, info = denoiser_cls.from_pretrained(denoiser_dir, output_loading_info=True)
         except (ValueError, RuntimeError) as err:  # diffusers' shape-mismatch errors name neither file
-            why = str(err).split(" If you want to instead overwrite")[0].strip() or type(err).__name__
+            advice = r"\s*(If you want to instead overwrite|You may consider adding)"  # diffusers' tips, both paths
+            why = " ".join(re.split(advice, str(err))[0].split()) or type(err).__name__
             raise ValueError(
                 f"the weights in {denoiser_dir} do not match its config.json ({denoiser_cls.__name__} {described}): "
                 f"{why}"
