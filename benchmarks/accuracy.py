@@ -137,9 +137,9 @@ def seconds_per_step(
     """Median seconds of one training step (forward, backward, AdamW) of a throwaway copy, after a warm-up.
 
     The library's own time-budget planner probes a single step after one warm-up call; on a shared machine that
-    can under-plan a run several-fold (a first attempt here planned 78 steps where 350 fitted), and the run then
-    stops early. This probe is longer, and :func:`train_or_load` gives the trainer an explicit step plan with
-    the time budget as a hard cap.
+    can under-plan a run several-fold (a first attempt here planned 78 steps for 8 minutes, where about 1500
+    fitted), and the run then stops early. This probe is longer, and :func:`train_or_load` gives the trainer an
+    explicit step plan with the time budget as a hard cap.
     """
     overrides = dict(config.overrides)
     if config.preset.startswith("gaussian"):
