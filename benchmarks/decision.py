@@ -107,12 +107,14 @@ def decide(runs: dict[str, list[dict]], baselines: dict[str, list[dict]]) -> dic
                         "beats_baselines": "yes" if passes_i and passes_p and row["nfe"] <= MAX_CALLS else "no",
                         "i_goal": passes_i,
                         "pro_goal": passes_p,
-                        "issue_goal": bool(
-                            issue
-                            and row["image_auroc"] > issue["image_auroc"]
-                            and row["aupro"] >= issue["aupro"]
-                            and row["nfe"] <= MAX_CALLS
-                        ),
+                        "issue_goal": "yes"
+                        if issue
+                        and row["image_auroc"] > issue["image_auroc"]
+                        and row["aupro"] >= issue["aupro"]
+                        and row["nfe"] <= MAX_CALLS
+                        else "no",
+                        "i_cell": "yes" if passes_i else "no",
+                        "pro_cell": "yes" if passes_p else "no",
                     }
                 )
         tables[category] = rows
@@ -135,7 +137,7 @@ def decide(runs: dict[str, list[dict]], baselines: dict[str, list[dict]]) -> dic
                     "mean_mad": sum(c["mad"] for c in cells) / len(cells),
                     "image_goal_met": f"{sum(c['i_goal'] for c in cells)}/{len(cells)}",
                     "aupro_goal_met": f"{sum(c['pro_goal'] for c in cells)}/{len(cells)}",
-                    "all_goals": all(c["beats_baselines"] == "yes" for c in cells),
+                    "all_goals": "yes" if all(c["beats_baselines"] == "yes" for c in cells) else "no",
                 }
             )
     return {"tables": tables, "goals": goals, "summary": summary}
@@ -151,8 +153,15 @@ def decision_markdown(result: dict[str, Any]) -> str:
         "(mtd > 0.956 / 0.746, tire > 0.770 / 0.934).\n",
     ]
     columns = ["config", "variant", "nfe", "image_auroc", "pixel_auroc", "aupro", "mad", "steps", "train_s"]
-    columns += ["beats_baselines", "issue_goal"]
-    headers = {"nfe": "NFE", "train_s": "train s", "beats_baselines": "goal met", "issue_goal": "issue goal"}
+    columns += ["i_cell", "pro_cell", "beats_baselines", "issue_goal"]
+    headers = {
+        "nfe": "NFE",
+        "train_s": "train s",
+        "i_cell": "I-AUROC > base",
+        "pro_cell": "AU-PRO >= base",
+        "beats_baselines": "goal met",
+        "issue_goal": "issue goal",
+    }
     for category, rows in result["tables"].items():
         goal = result["goals"][category]
         parts.append(
