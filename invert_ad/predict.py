@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,14 @@ __all__ = ["expand_inputs", "predict_paths"]
 FIELDS = ("path", "pred_score", "pred_label", "raw_score", "height", "width", "error")
 
 
-def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+def expand_inputs(inputs: Sequence[str | os.PathLike], problems: list[tuple[Path, str]] | None = None) -> list[Path]:
     """Files as given, folders expanded to the images directly inside them, in order.
+
+    Args:
+        inputs: files and folders.
+        problems: if given, entries named like images inside the folders that are not readable files (a
+            dangling symbolic link, ...) are appended to it as ``(path, reason)``; they are left out either way
+            (see :func:`~invert_ad.data.list_images`).
 
     Raises:
         FileNotFoundError: a path that does not exist.
@@ -33,7 +40,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths.extend(list_images(item))
+            paths.extend(list_images(item, problems))
         elif item.is_file():
             paths.append(item)
         else:
@@ -68,7 +75,9 @@ def predict_paths(
 
     Rows carry anomalib's field names (``pred_score`` normalised to [0, 1] with the threshold at 0.5,
     ``pred_label``), the ``raw_score``, the original size and ``error`` for images that could not be read
-    (those are reported and skipped; the rest are scored). With ``maps_dir``, each image's ``anomaly_map``
+    (those are reported and skipped; the rest are scored). Entries of input folders named like images that are
+    not readable files get a row too, after the others, whose ``error`` says why (``"dangling symbolic link"``,
+    ``"symbolic link loop"``, ``"not a regular file"``, ...). With ``maps_dir``, each image's ``anomaly_map``
     (8-bit PNG of the normalised map at the original size, 128 = threshold) and ``pred_mask`` are saved.
 
     Returns:
@@ -78,13 +87,17 @@ def predict_paths(
     if out.suffix.lower() not in (".json", ".csv"):
         raise ValueError(f"--out must end in .json or .csv, got {out.name}")
     detector = model if isinstance(model, AnomalyDetector) else AnomalyDetector.from_pretrained(model, device=device)
-    paths = expand_inputs(inputs)
-    if not paths:
+    problems: list[tuple[Path, str]] = []
+    paths = expand_inputs(inputs, problems)
+    if not paths and not problems:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {list(map(str, inputs))}")
     records = [ImageRecord(path=p, label=0, defect_type="unknown") for p in paths]
     dataset = ImageDataset(records, image_size=detector.image_size, skip_bad=True, description="inputs")
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples)
     rows: list[dict[str, Any]] = []
+    for path, reason in problems:
+        warnings.warn(f"skipping: {path}: {reason}", stacklevel=2)
+        rows.append({"path": str(path), "error": reason})
     with tqdm(total=len(paths), desc="predicting", unit="image", disable=not progress) as bar:
         for batch in loader:
             rows.extend({"path": p, "error": "unreadable image"} for p in batch["skipped"])

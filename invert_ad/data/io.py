@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +22,35 @@ class ImageReadError(ValueError):
     """An image or mask file that is missing, empty, truncated or not an image; the message names the path."""
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly inside ``folder`` (by extension, case-insensitive; hidden files left out), sorted."""
-    return sorted(
-        p
-        for p in Path(folder).iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-    )
+def list_images(folder: str | os.PathLike, problems: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """Image files directly inside ``folder`` (by extension, case-insensitive; hidden files left out), sorted.
+
+    Entries named like images that are not readable files are left out. With ``problems``, each of them except
+    sub-folders is also appended to it, in sorted order, as ``(path, reason)``: ``"dangling symbolic link"``,
+    ``"symbolic link loop"``, ``"not a regular file"`` (FIFO, socket, device) or ``"cannot access: ..."``.
+    """
+    images = []
+    for path in sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+        if path.name.startswith("."):
+            continue
+        if path.is_file():
+            images.append(path)
+        elif problems is not None and (reason := _not_a_file(path)) is not None:
+            problems.append((path, reason))
+    return images
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why ``path`` (not a regular file, nor a link to one) cannot be read as an image; None for a folder."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if path.is_symlink() and err.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "dangling symbolic link"
+        return f"cannot access: {err.strerror or err}"
+    return None if stat.S_ISDIR(mode) else "not a regular file"
 
 
 def _open(path: str | os.PathLike) -> Image.Image:

@@ -8,6 +8,7 @@ checkpoints map onto :class:`~invert_ad.models.FeatureDiT` by renaming keys only
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "grid_hw",
     "modulate",
     "sincos_pos_embed_2d",
+    "zero_adaln_",
 ]
 
 FREQUENCY_EMBEDDING_SIZE = 256
@@ -81,6 +83,22 @@ def as_timesteps(timestep: torch.Tensor | float | int, batch_size: int, device: 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation ``x (1 + scale) + shift`` for tokens ``x (B, N, H)`` and ``shift, scale (B, H)``."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def zero_adaln_(blocks: Iterable[nn.Module], *outputs: nn.Module) -> None:
+    """adaLN-Zero initialisation, in place: zero the weight and bias of each block's ``adaLN_modulation[-1]``
+    linear and of each layer in ``outputs`` (output projections).
+
+    Zero modulations give zero gates, so every residual block starts as the identity; with zero output layers
+    a freshly initialised denoiser outputs exactly zero. No other parameter is touched.
+
+    Args:
+        blocks: modules with an ``adaLN_modulation`` ``nn.Sequential`` ending in a linear.
+        *outputs: layers with ``weight`` and ``bias``, zeroed too.
+    """
+    for layer in [*(block.adaLN_modulation[-1] for block in blocks), *outputs]:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
 
 
 def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -181,6 +199,4 @@ class FinalLayer(nn.Module):
 
     def reset_parameters(self) -> None:
         """Zero the modulation and the output projection, so the head outputs exactly zero."""
-        for layer in (self.adaLN_modulation[-1], self.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        zero_adaln_([self], self.linear)

@@ -13,7 +13,15 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from ._layers import DenoiserOutput, TimestepEmbedder, as_timesteps, check_sample, grid_hw, sincos_pos_embed_2d
+from ._layers import (
+    DenoiserOutput,
+    TimestepEmbedder,
+    as_timesteps,
+    check_sample,
+    grid_hw,
+    sincos_pos_embed_2d,
+    zero_adaln_,
+)
 
 __all__ = ["ConvDenoiser"]
 
@@ -105,9 +113,7 @@ class ConvDenoiser(ModelMixin, ConfigMixin):
     def reset_parameters(self) -> None:
         """PyTorch's default convolutions, normal(0.02) timestep MLP, zero adaLN modulations and zero output."""
         self.t_embedder.reset_parameters()
-        for layer in [block.adaLN_modulation[-1] for block in self.blocks] + [self.adaLN_modulation[-1], self.conv_out]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        zero_adaln_([*self.blocks, self], self.conv_out)
 
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor | float | int, return_dict: bool = True

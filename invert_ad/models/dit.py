@@ -27,6 +27,7 @@ from ._layers import (
     grid_hw,
     modulate,
     sincos_pos_embed_2d,
+    zero_adaln_,
 )
 
 __all__ = ["DIT_PRESETS", "FeatureDiT"]
@@ -164,9 +165,7 @@ class FeatureDiT(ModelMixin, ConfigMixin):
         nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
         nn.init.zeros_(proj.bias)
         self.t_embedder.reset_parameters()
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        zero_adaln_(self.blocks)
         self.final_layer.reset_parameters()
 
     def forward(

@@ -21,6 +21,7 @@ from ._layers import (
     grid_hw,
     modulate,
     sincos_pos_embed_2d,
+    zero_adaln_,
 )
 
 __all__ = ["MLPDenoiser"]
@@ -100,9 +101,7 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         self.t_embedder.reset_parameters()
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        zero_adaln_(self.blocks)
         self.final_layer.reset_parameters()
 
     def forward(

@@ -101,9 +101,44 @@ def test_file_vanishing_after_listing_is_reported(tmp_path, small_detector, zoo_
     import invert_ad.predict as predict_module
 
     real = predict_module.expand_inputs
-    monkeypatch.setattr(predict_module, "expand_inputs", lambda inputs: [*real(inputs), tmp_path / "gone.png"])
+    monkeypatch.setattr(
+        predict_module, "expand_inputs", lambda inputs, problems=None: [*real(inputs, problems), tmp_path / "gone.png"]
+    )
     summary = predict_paths(small_detector, [zoo_dir / "rgb.png"], tmp_path / "r.json", progress=False)
     assert summary["num_images"] == 2 and summary["num_failed"] == 1
+
+
+def test_dangling_symlink_in_a_folder_is_reported_and_the_rest_scored(tmp_path, small_detector, zoo_dir):
+    """A link whose target is gone (or a link loop) gets an error row naming it; it is not skipped silently."""
+    import json
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for name in ("rgb.png", "gray.png"):
+        (folder / name).write_bytes(ZOO[name][0])
+    (folder / "broken.png").symlink_to(tmp_path / "deleted.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (folder / "notes.txt").symlink_to(tmp_path / "deleted.txt")  # not named like an image: ignored as before
+    out = tmp_path / "r.json"
+    with pytest.warns(UserWarning) as caught:
+        summary = predict_paths(small_detector, [folder], out, progress=False)
+    assert sorted(str(w.message) for w in caught) == [
+        f"skipping: {folder / 'broken.png'}: dangling symbolic link",
+        f"skipping: {folder / 'loop.png'}: symbolic link loop",
+    ]
+    assert summary["num_images"] == 4 and summary["num_failed"] == 2
+    rows = {r["path"]: r for r in json.loads(out.read_text())}
+    assert rows[str(folder / "broken.png")] == {"path": str(folder / "broken.png"), "error": "dangling symbolic link"}
+    assert rows[str(folder / "loop.png")]["error"] == "symbolic link loop"
+    for name in ("rgb.png", "gray.png"):
+        row = rows[str(folder / name)]
+        assert row["error"] is None and 0.0 <= row["pred_score"] <= 1.0, name
+    only_broken = tmp_path / "only_broken"
+    only_broken.mkdir()
+    (only_broken / "x.png").symlink_to(tmp_path / "deleted.png")
+    with pytest.warns(UserWarning, match="dangling symbolic link"):
+        summary = predict_paths(small_detector, [only_broken], tmp_path / "r.csv", progress=False)
+    assert summary["num_images"] == 1 and summary["num_failed"] == 1
 
 
 def test_dataset_skip_bad_without_and_with(zoo_dir):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 
@@ -150,3 +151,22 @@ def test_list_images_filters_by_extension_and_hidden(tmp_path):
     for name in ("b.PNG", "a.jpg", ".hidden.png", "notes.txt", "c.bmp"):
         (tmp_path / name).write_bytes(b"x")
     assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.PNG", "c.bmp"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_list_images_reports_entries_that_are_not_readable_files(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "b.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "c.png").symlink_to(tmp_path / "c.png")
+    (tmp_path / "d.png").mkdir()  # a folder named like an image: left out, not a problem
+    (tmp_path / "e.jpg").symlink_to(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "f.png")
+    (tmp_path / ".g.png").symlink_to(tmp_path / "gone.png")  # hidden: left out, not a problem
+    assert [p.name for p in list_images(tmp_path)] == ["a.png", "e.jpg"]
+    problems: list = []
+    assert [p.name for p in list_images(tmp_path, problems)] == ["a.png", "e.jpg"]
+    assert [(p.name, why) for p, why in problems] == [
+        ("b.png", "dangling symbolic link"),
+        ("c.png", "symbolic link loop"),
+        ("f.png", "not a regular file"),
+    ]
