@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._version import __version__
+from .acceleration import autocast, check_autocast_dtype, compile_function
 from .adapters.diffusers import denoiser_in_channels
 from .calibration import Calibration, fit_calibration
 from .hub import load_json, resolve_model_dir, write_model_card
@@ -103,6 +104,53 @@ class AnomalyDetector:
         self.feature_mean = feature_mean
         self.feature_std = feature_std
         self.calibration = calibration
+        self._configure_backbone(compile_mode=None, channels_last=False, autocast_dtype=None)
+
+    def optimize(
+        self,
+        *,
+        compile_mode: str | None = None,
+        channels_last: bool = False,
+        autocast_dtype: torch.dtype | str | None = None,
+        autocast_backbone: bool = False,
+    ) -> AnomalyDetector:
+        """Set how inference runs (speed only; nothing is saved). Calling it again replaces every setting.
+
+        Args:
+            compile_mode: ``torch.compile`` the backbone and the scorer's latent computation with this mode
+                (one of :data:`~invert_ad.acceleration.COMPILE_MODES`; ``"reduce-overhead"`` adds CUDA graphs on
+                a GPU); ``None``: eager.
+            channels_last: run the backbone in the channels-last memory format (faster convolutions on GPUs
+                and recent CPUs).
+            autocast_dtype: run the denoiser under autocast (``torch.bfloat16`` or ``"bfloat16"``,
+                ``float16``); the ODE updates and scores stay in float32.
+            autocast_backbone: run the backbone under ``autocast_dtype`` too. Off by default: the error
+                compounds through a deep backbone (lite0 in bf16: features ~10 % off after standardisation,
+                tire image AUROC 0.891 -> 0.864 on a quarter of its test set), while the denoiser's is small.
+
+        Returns:
+            ``self``.
+
+        Example:
+            >>> detector.optimize(compile_mode="reduce-overhead", channels_last=True, autocast_dtype="bfloat16")
+            >>> detector.optimize()  # back to eager fp32
+        """
+        dtype = check_autocast_dtype(autocast_dtype)
+        self._configure_backbone(compile_mode, channels_last, dtype if autocast_backbone else None)
+        self.scorer.autocast_dtype = dtype
+        self.scorer.compile_mode = compile_mode
+        return self
+
+    def _configure_backbone(
+        self, compile_mode: str | None, channels_last: bool, autocast_dtype: torch.dtype | None
+    ) -> None:
+        self.backbone_autocast_dtype = autocast_dtype
+        self.channels_last = bool(channels_last)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.feature_extractor.to(memory_format=memory_format)
+        forward = self.feature_extractor
+        self._backbone = forward if compile_mode is None else compile_function(forward, compile_mode)
+        self._check_values = compile_mode is not None and callable(getattr(forward, "check_images", None))
 
     @property
     def image_size(self) -> int:
@@ -132,9 +180,15 @@ class AnomalyDetector:
         return (features - mean) / std
 
     def extract(self, images: torch.Tensor) -> torch.Tensor:
-        """Standardised features ``(B, C, h, w)`` of images ``(B, 3, S, S)`` in ``[0, 1]``."""
-        with torch.inference_mode():
-            return self.standardize(self.feature_extractor(self._check_images(images)))
+        """Standardised float32 features ``(B, C, h, w)`` of images ``(B, 3, S, S)`` in ``[0, 1]``."""
+        x = self._check_images(images)
+        if self._check_values:  # a compiled graph skips the extractor's data-dependent checks
+            self.feature_extractor.check_images(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(x.device, self.backbone_autocast_dtype):
+            features = self._backbone(x)
+        return self.standardize(features.float().contiguous())
 
     def score_features(self, features: torch.Tensor, batch_size: int | None = None) -> DetectorOutput:
         """Score standardised features ``(B, C, h, w)``; maps are upsampled to ``S x S``."""

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ._version import __version__
+from .acceleration import autocast, check_autocast_dtype, check_compile_mode, compile_function
 from .adapters.diffusers import denoiser_in_channels, make_eps_fn
 from .hub import load_json, model_class, resolve_model_dir, scheduler_class
 from .inversion import add_noise, ddim_integrate, one_step_irf
@@ -78,6 +79,9 @@ class InversionScorer:
         reconstruction_seed: seed of the baseline's fixed noise.
         autocast_dtype: run the denoiser under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16`` on
             CUDA); the ODE update stays in the features' dtype.
+        compile_mode: ``torch.compile`` the whole latent computation (all network calls and ODE updates of a
+            batch in one graph) with this mode; ``"reduce-overhead"`` replays it as one CUDA graph on a GPU.
+            See :mod:`invert_ad.acceleration`. Neither this nor ``autocast_dtype`` is saved.
 
     Example:
         >>> scorer = InversionScorer(unet, DDPMScheduler(), timesteps="paper", scoring="hybrid")
@@ -96,7 +100,8 @@ class InversionScorer:
         reconstruction_timestep: int = 500,
         reconstruction_steps: int | None = None,
         reconstruction_seed: int = 0,
-        autocast_dtype: torch.dtype | None = None,
+        autocast_dtype: torch.dtype | str | None = None,
+        compile_mode: str | None = None,
     ) -> None:
         if not callable(denoiser):
             raise TypeError(f"denoiser must be a model or a callable f(x, t), got {type(denoiser).__name__}")
@@ -122,13 +127,24 @@ class InversionScorer:
                 f"{reconstruction_timestep}"
             )
         self.reconstruction_seed = reconstruction_seed
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
         self._eps_fn = make_eps_fn(denoiser, self.alphas_cumprod, self.prediction_type)
+        self.compile_mode = compile_mode
 
     # ------------------------------------------------------------------ plumbing
     @property
     def num_train_timesteps(self) -> int:
         return len(self.alphas_cumprod)
+
+    @property
+    def compile_mode(self) -> str | None:
+        """The ``torch.compile`` mode of the latent computation, or ``None`` (eager). Settable."""
+        return self._compile_mode
+
+    @compile_mode.setter
+    def compile_mode(self, mode: str | None) -> None:
+        self._compile_mode = check_compile_mode(mode)
+        self._latent_fn = self.compute_latent if mode is None else compile_function(self.compute_latent, mode)
 
     @property
     def nfe(self) -> int:
@@ -159,9 +175,7 @@ class InversionScorer:
         return features.to(device=device, dtype=dtype)
 
     def _eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.autocast_dtype is None:
-            return self._eps_fn(x, t)
-        with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
+        with autocast(x.device, self.autocast_dtype):
             return self._eps_fn(x, t).to(x.dtype)
 
     @contextlib.contextmanager
@@ -237,7 +251,7 @@ class InversionScorer:
     def latents(self, features: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """The latent the scorer reads (inversion, IRF or reconstruction residual), ``(B, C, h, w)``."""
         with self._inference():
-            parts = [self.compute_latent(self._check_features(chunk)) for chunk in self._batches(features, batch_size)]
+            parts = [self._latent_fn(self._check_features(chunk)) for chunk in self._batches(features, batch_size)]
         return torch.cat(parts)
 
     # ------------------------------------------------------------------ scoring

@@ -175,14 +175,19 @@ class TimmFeatureExtractor(nn.Module):
         """``(images - mean) / std`` per channel, for images ``(B, 3, H, W)`` in [0, 1]."""
         return (images - self._mean) / self._std
 
-    def _check(self, images: torch.Tensor) -> None:
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``images`` is ``(B, 3, S, S)`` with ``S = image_size`` and values in [0, 1].
+
+        Inside ``torch.export`` and ``torch.compile`` graphs only the shape is checked (a value check would
+        branch on data); :class:`~invert_ad.pipeline.AnomalyDetector` calls this before its compiled backbone.
+        """
         expected = (3, self.image_size, self.image_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
                 f"{self.name} expects images (B, {', '.join(map(str, expected))}) in [0, 1], "
                 f"got {tuple(images.shape)}: resize to image_size={self.image_size} first"
             )
-        if torch.compiler.is_exporting():  # value checks branch on data: an exported graph cannot hold them
+        if torch.compiler.is_exporting() or torch.compiler.is_compiling():
             return
         low, high = float(images.min()), float(images.max())
         if low < -_RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
@@ -204,7 +209,7 @@ class TimmFeatureExtractor(nn.Module):
         Raises:
             ValueError: wrong shape or values outside [0, 1].
         """
-        self._check(images)
+        self.check_images(images)
         with torch.no_grad():
             maps = self.backbone(self.normalize(images.to(self._mean.dtype)))
             resized = [
