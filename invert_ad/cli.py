@@ -79,11 +79,61 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_speed_args(p: argparse.ArgumentParser, *, autocast: bool = True) -> None:
+    """Inference speed flags (see :mod:`invert_ad.acceleration`); ``autocast=False`` where ``--autocast`` trains."""
+    from .acceleration import COMPILE_MODES
+
+    g = p.add_argument_group("speed (inference only; nothing is saved with the model)")
+    g.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default=None,
+        metavar="MODE",
+        help=f"torch.compile the backbone and the inversion: {', '.join(COMPILE_MODES)} (compiles on first use)",
+    )
+    g.add_argument("--channels-last", action="store_true", help="run the backbone in channels-last memory format")
+    if autocast:
+        g.add_argument(
+            "--autocast",
+            dest="inference_autocast",
+            choices=["bfloat16", "float16"],
+            default=None,
+            help="run the denoiser under autocast in this dtype",
+        )
+        g.add_argument(
+            "--autocast-backbone",
+            action="store_true",
+            help="run the backbone under --autocast too (faster, but costs accuracy: opt-in)",
+        )
+
+
+def _check_speed_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if getattr(args, "autocast_backbone", False) and args.inference_autocast is None:
+        parser.error(f"{args.command}: --autocast-backbone needs --autocast (the dtype to run the backbone in)")
+
+
+def _speed_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of :meth:`AnomalyDetector.optimize` from the speed flags; ``{}`` when none is given."""
+    settings = {
+        "compile_mode": args.compile,
+        "channels_last": args.channels_last,
+        "autocast_dtype": getattr(args, "inference_autocast", None),
+        "autocast_backbone": getattr(args, "autocast_backbone", False),
+    }
+    return settings if any(settings.values()) else {}
+
+
+def _optimize(args: argparse.Namespace, detector: Any) -> Any:
+    """Apply the speed flags to a loaded detector (nothing to do without them)."""
+    settings = _speed_settings(args)
+    return detector.optimize(**settings) if settings else detector
+
+
 def _evaluate(args: argparse.Namespace, model: Any, data: Any, out: Path) -> dict[str, Any]:
     from .evaluation import evaluate_detector
 
     return evaluate_detector(
-        model,
+        _optimize(args, model),
         data,
         out,
         batch_size=args.eval_batch_size,
@@ -128,6 +178,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         progress=not args.quiet,
+        optimize=_speed_settings(args) or None,
     )
     print(json.dumps(written, indent=2))
     return 0
@@ -218,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache-dir", type=Path, default=None)
     _add_eval_args(p)
+    _add_speed_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="score images or folders: per-image score, label, map, mask")
@@ -228,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="normalised threshold (default 0.5)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
+    _add_speed_args(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="the main job on a built-in dataset (ELPV solar cells) or --data")
@@ -235,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     _add_training_args(p, minutes=3.0)
     _add_eval_args(p)
+    _add_speed_args(p, autocast=False)  # its --autocast is the training one
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="write the whole scoring path as one ONNX or torch.export file, checked")
@@ -253,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_speed_args(parser, args)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, OSError, RuntimeError, ImportError) as err:

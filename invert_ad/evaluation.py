@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._version import __version__
+from .acceleration import autocast
 from .data import FeatureCache, ImageDataset, cached_features, load_mask
 from .io import atomic_write_json
 from .metrics import evaluate_metrics
@@ -30,11 +31,15 @@ def time_detector(
 ) -> dict[str, Any]:
     """End-to-end timings (features, inversion, scoring) of :meth:`AnomalyDetector.score`.
 
+    Each measurement follows an untimed call of the same shape, so compiling (``torch.compile`` compiles once per
+    new batch size, see :meth:`AnomalyDetector.optimize`) and other first-call costs are not counted.
+
     Args:
         detector: the detector.
         images: ``(N, 3, S, S)`` sample images (the first ``repeats + 1`` are used at batch 1).
         repeats: timed single-image calls (after one warm-up call).
-        batch_size: images per call for the throughput measurement (repeated from ``images`` if needed).
+        batch_size: images per call for the throughput measurement (repeated from ``images`` if needed; timed
+            after one warm-up call at the same batch size).
 
     Returns:
         ``latency_ms_batch1`` (median), ``throughput_images_per_s`` and its ``throughput_batch_size``.
@@ -45,7 +50,7 @@ def time_detector(
         detector.score(images[i % len(images)].unsqueeze(0))
         singles.append(time.perf_counter() - start)
     batch = images[torch.arange(batch_size) % len(images)]
-    detector.score(batch[:2])
+    detector.score(batch)  # warm-up at this shape: a compiled detector compiles here, untimed
     start = time.perf_counter()
     detector.score(batch)
     elapsed = time.perf_counter() - start
@@ -85,6 +90,11 @@ def evaluate_detector(
 ) -> dict[str, Any]:
     """Score a test split and compute image AUROC / AP / F1-max, pixel AUROC / AP / F1-max, AU-PRO and mAD.
 
+    The detector's speed settings (:meth:`AnomalyDetector.optimize`) apply and are recorded under
+    ``"inference"``. Backbone features come from the feature cache, computed in float32 (a compiled or
+    channels-last backbone gives the same features up to rounding), except with a backbone autocast dtype: then
+    they are computed under it, as the detector would, and not cached.
+
     Args:
         detector: a trained detector.
         data: an MVTec-layout category folder (its ``test`` split is read) or a dataset with labels.
@@ -94,18 +104,22 @@ def evaluate_detector(
         transductive: re-normalise the hybrid score with min-max over this test set, as the official InvAD
             code does (for reproducing its tables only; deployment never sees the test set).
         heatmaps: how many overlays to save (spread over normal and anomalous images).
-        timing: measure latency at batch 1 and throughput at batch ``batch_size``.
+        timing: measure latency at batch 1 and throughput at batch ``batch_size`` (each after a warm-up call).
         plots: with ``out``, also save the score histogram and the ROC curve as PNG beside the report.
         cache_dir: feature cache (default :func:`~invert_ad.training.recipe.default_cache_dir`).
         progress: progress bars.
 
     Returns:
         The report: the metric keys (fractions in [0, 1], pixel keys ``None`` without masks), counts, NFE,
-        timings, device and dtype, and per-image ``path`` / ``label`` / ``score``.
+        timings, device and dtype, the speed settings, and per-image ``path`` / ``label`` / ``score``.
     """
     dataset = open_dataset(data, "test", detector.image_size)
-    cache = FeatureCache(cache_dir or default_cache_dir())
-    raw, paths = cached_features(detector.feature_extractor, dataset, cache, batch_size=batch_size, progress=progress)
+    low_precision = detector.backbone_autocast_dtype
+    cache = None if low_precision is not None else FeatureCache(cache_dir or default_cache_dir())
+    with autocast(detector.device, low_precision):
+        raw, paths = cached_features(
+            detector.feature_extractor, dataset, cache, batch_size=batch_size, progress=progress
+        )
     labels, masks, records, has_masks = _masks(dataset, paths)
     features = detector.standardize(raw.to(detector.device))
     parts = [
@@ -135,6 +149,7 @@ def evaluate_detector(
         "scorer": repr(detector.scorer.scorer),
         "device": str(detector.device),
         "dtype": str(param.dtype if param is not None else torch.float32).replace("torch.", ""),
+        "inference": detector.inference_settings(),
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "invert_ad_version": __version__,

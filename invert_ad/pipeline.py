@@ -141,9 +141,23 @@ class AnomalyDetector:
         self.scorer.compile_mode = compile_mode
         return self
 
+    def inference_settings(self) -> dict[str, Any]:
+        """The settings :meth:`optimize` applied, JSON-ready (dtypes by name, ``None`` when off)."""
+
+        def name(dtype: torch.dtype | None) -> str | None:
+            return None if dtype is None else str(dtype).removeprefix("torch.")
+
+        return {
+            "compile_mode": self.compile_mode,
+            "channels_last": self.channels_last,
+            "autocast_dtype": name(self.scorer.autocast_dtype),
+            "backbone_autocast_dtype": name(self.backbone_autocast_dtype),
+        }
+
     def _configure_backbone(
         self, compile_mode: str | None, channels_last: bool, autocast_dtype: torch.dtype | None
     ) -> None:
+        self.compile_mode = compile_mode
         self.backbone_autocast_dtype = autocast_dtype
         self.channels_last = bool(channels_last)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format

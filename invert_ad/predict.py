@@ -70,6 +70,7 @@ def predict_paths(
     batch_size: int = 16,
     device: str = "cpu",
     progress: bool = True,
+    optimize: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Predict every image under ``inputs`` and write one row per image to ``out`` (``.json`` or ``.csv``).
 
@@ -80,6 +81,20 @@ def predict_paths(
     ``"symbolic link loop"``, ``"not a regular file"``, ...). With ``maps_dir``, each image's ``anomaly_map``
     (8-bit PNG of the normalised map at the original size, 128 = threshold) and ``pred_mask`` are saved.
 
+    Args:
+        model: a model folder, a Hub repo id or a loaded detector.
+        inputs: image files and folders (see :func:`expand_inputs`).
+        out: the results file, ``.json`` or ``.csv``.
+        maps_dir: where to save the maps and masks (none saved without it).
+        threshold: the normalised threshold (default 0.5).
+        batch_size: images per network call.
+        device: where a model loaded from ``model`` runs.
+        progress: a progress bar.
+        optimize: keyword arguments of :meth:`AnomalyDetector.optimize` (``compile_mode``, ``channels_last``,
+            ``autocast_dtype``, ``autocast_backbone``), applied before scoring; ``None`` leaves the detector as
+            it is. A detector passed as ``model`` keeps these settings afterwards. With ``compile_mode``, the
+            last, smaller batch (and any batch shortened by unreadable images) compiles once more.
+
     Returns:
         ``{"out": ..., "num_images": N, "num_anomalous": K, "num_failed": F}``.
     """
@@ -87,6 +102,8 @@ def predict_paths(
     if out.suffix.lower() not in (".json", ".csv"):
         raise ValueError(f"--out must end in .json or .csv, got {out.name}")
     detector = model if isinstance(model, AnomalyDetector) else AnomalyDetector.from_pretrained(model, device=device)
+    if optimize is not None:
+        detector.optimize(**optimize)
     problems: list[tuple[Path, str]] = []
     paths = expand_inputs(inputs, problems)
     if not paths and not problems:
