@@ -440,6 +440,8 @@ DENOISER_CONFIGS: dict[str, DenoiserConfig] = _configs(
             "residual-dit-s", "gaussian-residual-dit", {}, True, "Gaussian + DiT residual (dit-s: hidden 256, depth 4)"
         ),
         DenoiserConfig("dit-s", "dit-s", {}, True, "plain DiT, hidden 256, depth 4, 4 heads"),
+        DenoiserConfig("dit-b", "dit-b", {}, True, "InvAD's DiT-base (hidden 1024, depth 8): speed runs only"),
+        DenoiserConfig("dit-g", "dit-g", {}, True, "the paper's DiT-g (1.2e9 parameters): GPU speed runs only"),
         DenoiserConfig(
             "conv-128x2", "conv", {"width": 128, "depth": 2}, True, "plain conv net, width 128, depth 2 (no Gaussian)"
         ),

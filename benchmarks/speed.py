@@ -10,15 +10,25 @@ For each denoiser configuration, on real test images of one category (default ``
   measured in the same run, interleaved round by round, medians (goal: <= 1.10 at batch 32);
 * peak resident memory (CPU) of a fresh process doing end-to-end scoring at batch 32, or peak allocated memory
   on a GPU;
-* bf16 autocast against fp32 (speed, and agreement of the scores), and a channels-last backbone.
+* the inference settings of :meth:`AnomalyDetector.optimize` (bf16 autocast of the denoiser and of the
+  backbone, channels-last backbone, ``torch.compile`` default and reduce-overhead = CUDA graphs, all together):
+  speed, first-call (compile) time and agreement of the scores with fp32 eager;
+* for DiTs, the FLOP bound ``3 x 2 x params x tokens`` per image against the best measured rate (give the
+  device's peak with ``--peak-tflops``).
 
-Untrained networks cost exactly what trained ones do, so the learned denoisers are freshly initialised; the
-Gaussian ones are fitted on the category's training features.
+Untrained networks cost exactly what trained ones do, so the learned denoisers are freshly initialised (their
+zero-initialised layers filled with small noise, so that outputs and precision errors are not trivially zero);
+the Gaussian ones are fitted on the category's training features.
 
 Command that produced the committed results (2-core CPU shared with other jobs: timings are noisy, compare
 ratios within one run)::
 
-    .venv/bin/python benchmarks/speed.py --out benchmarks/results/speed_cpu.json
+    .venv/bin/python benchmarks/speed.py --threads 2 --out benchmarks/results/speed_cpu.json
+
+On a GPU (the paper's DiT-g; about 800 TFLOP/s dense bf16 on an H100)::
+
+    python benchmarks/speed.py --configs gaussian dit-s dit-b dit-g --peak-tflops 800 \\
+        --out benchmarks/results/speed_gpu.json
 """
 
 from __future__ import annotations
@@ -64,6 +74,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def fill_zero_parameters_(model: torch.nn.Module, scale: float = 0.02, seed: int = 0) -> None:
+    """Fill all-zero parameters (adaLN-Zero and zero-initialised output layers) with seeded noise.
+
+    A fresh learned denoiser outputs exactly zero, which would make every precision agree trivially; trained
+    ones do not. The cost of a forward pass is unchanged.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))
+
+
 def build(
     config_name: str, category: CategoryFeatures, device: torch.device
 ) -> tuple[AnomalyDetector, AnomalyDetector, InversionScorer, torch.nn.Module]:
@@ -73,6 +96,7 @@ def build(
     if config.preset.startswith("gaussian"):
         overrides["features"] = category.train
     model = create_denoiser(config.preset, in_channels=category.train.shape[1], grid_size=16, **overrides)
+    fill_zero_parameters_(model)
     model = model.to(device).eval().requires_grad_(False)
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False
@@ -166,49 +190,102 @@ def speed_rows(
     return rows
 
 
-def autocast_rows(
-    config_name: str, category: CategoryFeatures, images: torch.Tensor, device: torch.device, repeats: int
+SETTINGS: dict[str, dict[str, Any]] = {
+    "fp32 eager": {},
+    "bf16 denoiser": {"autocast_dtype": "bfloat16"},
+    "bf16 denoiser + backbone": {"autocast_dtype": "bfloat16", "autocast_backbone": True},
+    "channels-last backbone": {"channels_last": True},
+    "compile default": {"compile_mode": "default"},
+    "compile reduce-overhead (CUDA graphs)": {"compile_mode": "reduce-overhead"},
+    "all: compile default + channels-last + bf16 denoiser": {
+        "compile_mode": "default",
+        "channels_last": True,
+        "autocast_dtype": "bfloat16",
+    },
+    "all: reduce-overhead + channels-last + bf16 denoiser": {
+        "compile_mode": "reduce-overhead",
+        "channels_last": True,
+        "autocast_dtype": "bfloat16",
+    },
+}
+"""The inference settings compared end to end (:meth:`AnomalyDetector.optimize` keyword arguments)."""
+
+
+def settings_rows(
+    config_name: str,
+    category: CategoryFeatures,
+    images: torch.Tensor,
+    device: torch.device,
+    repeats: int,
+    names: list[str],
 ) -> list[dict[str, Any]]:
-    """End to end (hybrid S=3) at batch 32 in fp32 and under bf16 autocast; score agreement; channels-last."""
-    detector, _, _, _ = build(config_name, category, device)
+    """End to end (hybrid S=3) at batch 32 under each setting: speed, compile time, agreement with fp32 eager.
+
+    Settings are measured one after the other (a compiled function cannot be interleaved with its own
+    recompilation); the first call of each (compilation, CUDA graph capture) is timed apart as ``first_call_s``.
+    """
+    detector = build(config_name, category, device)[0]
     x_img = images.to(device)
-
-    def bf16() -> Any:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            return detector.score(x_img)
-
-    extractor = detector.feature_extractor
-    times = measure({"fp32": lambda: detector.score(x_img), "bf16 autocast": bf16}, device, repeats)
     with torch.inference_mode():
-        ref, low = detector.score(x_img), bf16()
-    backbone = measure({"backbone fp32": lambda: extractor(x_img)}, device, repeats)
-    extractor.to(memory_format=torch.channels_last)
-    x_cl = x_img.contiguous(memory_format=torch.channels_last)
-    backbone |= measure({"backbone channels-last": lambda: extractor(x_cl)}, device, repeats)
-    extractor.to(memory_format=torch.contiguous_format)
-    a, b = ref.image_scores.double().numpy(), low.image_scores.double().numpy()
-    agreement = {
-        "score_spearman": float(spearmanr(a, b).statistic),
-        "score_max_abs_diff": float(np.abs(a - b).max()),
-        "score_range_fp32": float(a.max() - a.min()),
-        "map_max_abs_diff": float((ref.anomaly_maps - low.anomaly_maps).abs().max()),
-        "map_range_fp32": float(ref.anomaly_maps.max() - ref.anomaly_maps.min()),
-    }
+        reference = detector.score(x_img)
+    ref_scores = reference.image_scores.double().numpy()
     rows = []
-    batch = x_img.shape[0]
-    for name, values in {**times, **backbone}.items():
-        seconds = statistics.median(values)
+    for name in names:
+        detector.optimize(**SETTINGS[name])
+        _sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = detector.score(x_img)
+        _sync(device)
+        first_call = time.perf_counter() - start
+        times = measure({name: lambda: detector.score(x_img)}, device, repeats)[name]
+        seconds = statistics.median(times)
+        scores = out.image_scores.double().numpy()
         rows.append(
             {
                 "config": config_name,
-                "batch": batch,
-                "mode": name,
-                "ms_per_image": 1000 * seconds / batch,
-                "images_per_s": batch / seconds,
-                **(agreement if name == "bf16 autocast" else {}),
+                "batch": x_img.shape[0],
+                "setting": name,
+                "optimize": SETTINGS[name],
+                "ms_per_image": 1000 * seconds / x_img.shape[0],
+                "images_per_s": x_img.shape[0] / seconds,
+                "first_call_s": first_call,
+                "score_spearman": float(spearmanr(ref_scores, scores).statistic),
+                "score_rel_error": float(np.linalg.norm(scores - ref_scores) / np.linalg.norm(ref_scores)),
+                "map_max_abs_diff": float((out.anomaly_maps - reference.anomaly_maps).abs().max()),
             }
         )
+        torch.compiler.reset()  # drop compiled graphs before the next setting
+    detector.optimize()
     return rows
+
+
+def flop_bound(
+    config_name: str, model: torch.nn.Module, tokens: int, peak_tflops: float | None, measured: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The issue's physical limit for a DiT: ``2 x params x tokens`` FLOP per network call and image.
+
+    With ``peak_tflops`` (the device's dense peak in the dtype used, e.g. about 800 for an H100 in bf16) the
+    bound in images/s is ``peak / (3 x FLOP per call)`` for S = 3, compared with the best end-to-end hybrid S = 3
+    rate measured (any batch size or inference setting).
+    """
+    params = sum(p.numel() for p in model.parameters())
+    tflop_image = 3 * 2 * params * tokens / 1e12
+    hybrid_s3 = "end to end, hybrid S=3"  # settings rows are all end to end hybrid S=3 too
+    end_to_end = [r for r in measured if r["config"] == config_name and r.get("part", hybrid_s3) == hybrid_s3]
+    best = max((r["images_per_s"] for r in end_to_end), default=None)
+    row: dict[str, Any] = {
+        "config": config_name,
+        "denoiser_params": params,
+        "tokens": tokens,
+        "tflop_per_image_s3": tflop_image,
+        "peak_tflops": peak_tflops,
+        "best_images_per_s": best,
+    }
+    if peak_tflops:
+        row["bound_images_per_s"] = peak_tflops / tflop_image
+        row["fraction_of_bound"] = best / row["bound_images_per_s"] if best else None
+    return row
 
 
 def child_memory(config_name: str, data: Path, cache_dir: Path, batch: int, device: str) -> dict[str, Any]:
@@ -267,16 +344,59 @@ def speed_markdown(result: dict[str, Any]) -> str:
             + markdown_table(
                 result["memory"],
                 ["config", "batch", "peak_rss_mb_after_setup", "peak_rss_mb", "peak_allocated_mb"],
-                {"peak_rss_mb_after_setup": "RSS after setup MiB", "peak_rss_mb": "peak RSS MiB"},
+                {
+                    "peak_rss_mb_after_setup": "RSS after setup MiB",
+                    "peak_rss_mb": "peak RSS MiB",
+                    "peak_allocated_mb": "peak GPU allocated MiB",
+                },
             )
         )
-    if result.get("autocast"):
+    if result.get("settings_runs"):
         parts.append(
-            "## bf16 autocast vs fp32, channels-last backbone (batch 32)\n\n"
+            "## Inference settings, end to end hybrid S=3 at batch 32 (`AnomalyDetector.optimize`)\n\n"
+            "Agreement is with the fp32 eager scores of the same images; `first call s` includes compilation / "
+            "CUDA-graph capture. On CPU, reduce-overhead has no CUDA graphs and behaves like default.\n\n"
             + markdown_table(
-                result["autocast"],
-                ["config", "mode", "ms_per_image", "images_per_s", "score_spearman", "score_max_abs_diff"],
-                {**headers, "score_spearman": "Spearman vs fp32", "score_max_abs_diff": "max |score diff|"},
+                result["settings_runs"],
+                [
+                    "config",
+                    "setting",
+                    "ms_per_image",
+                    "images_per_s",
+                    "first_call_s",
+                    "score_spearman",
+                    "score_rel_error",
+                ],
+                {
+                    **headers,
+                    "first_call_s": "first call s",
+                    "score_spearman": "Spearman vs fp32",
+                    "score_rel_error": "rel. score error",
+                },
+            )
+        )
+    if result.get("flop_bound"):
+        parts.append(
+            "## DiT FLOP bound (2 x params x tokens per call, S = 3)\n\n"
+            + markdown_table(
+                result["flop_bound"],
+                [
+                    "config",
+                    "denoiser_params",
+                    "tflop_per_image_s3",
+                    "peak_tflops",
+                    "bound_images_per_s",
+                    "best_images_per_s",
+                    "fraction_of_bound",
+                ],
+                {
+                    "denoiser_params": "params",
+                    "tflop_per_image_s3": "TFLOP/image",
+                    "peak_tflops": "peak TFLOP/s",
+                    "bound_images_per_s": "bound images/s",
+                    "best_images_per_s": "best measured images/s",
+                    "fraction_of_bound": "fraction",
+                },
             )
         )
     return "\n".join(parts)
@@ -305,9 +425,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds-batch1", type=int, default=7, help="timed rounds at batch 1")
     parser.add_argument("--rounds-batch32", type=int, default=3, help="timed rounds at batch 32")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--no-autocast", action="store_true", help="skip the bf16 / channels-last comparison")
+    parser.add_argument(
+        "--settings",
+        nargs="*",
+        default=None,
+        choices=sorted(SETTINGS),
+        help="inference settings to compare (default: all; on CPU all but reduce-overhead); none to skip",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "speed_cpu.json")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak (e.g. 800 for H100 bf16) for the DiT FLOP bound"
+    )
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-batch", type=int, default=32, help=argparse.SUPPRESS)
     parser.add_argument(
@@ -330,21 +459,31 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {k: v if isinstance(v, (int, float, list, bool)) else str(v) for k, v in vars(args).items()},
         "timings": [],
         "memory": [],
-        "autocast": [],
+        "settings_runs": [],
+        "flop_bound": [],
     }
 
     def save() -> None:
         write_results(args.out, result, speed_markdown(result))
 
     rounds = {1: args.rounds_batch1, 32: args.rounds_batch32}
+    names = args.settings
+    if names is None:  # without CUDA, reduce-overhead is default again: skip the duplicates
+        names = [n for n in SETTINGS if device.type == "cuda" or "reduce-overhead" not in str(SETTINGS[n])]
     for name in tqdm(args.configs, desc="speed", unit="config"):
         result["timings"] += speed_rows(name, category, images, device, rounds)
         save()
         if not args.no_memory:
             result["memory"].append(memory_row(name, args.category, args.cache_dir, 32, args.device))
             save()
-        if not args.no_autocast:
-            result["autocast"] += autocast_rows(name, category, images, device, args.rounds_batch32)
+        if names:
+            result["settings_runs"] += settings_rows(name, category, images, device, args.rounds_batch32, names)
+            save()
+        if DENOISER_CONFIGS[name].preset.startswith("dit"):
+            with torch.device("meta"):  # parameter count only
+                model = create_denoiser(DENOISER_CONFIGS[name].preset, category.train.shape[1], 16)
+            measured = result["timings"] + result["settings_runs"]
+            result["flop_bound"].append(flop_bound(name, model, 16 * 16, args.peak_tflops, measured))
             save()
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
 
