@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._version import __version__
-from .acceleration import autocast, check_autocast_dtype, compile_function
+from .acceleration import autocast, check_autocast_dtype, check_compile_mode, compile_function
 from .adapters.diffusers import denoiser_in_channels
 from .calibration import Calibration, fit_calibration
 from .hub import load_json, resolve_model_dir, write_model_card
@@ -135,6 +135,7 @@ class AnomalyDetector:
             >>> detector.optimize(compile_mode="reduce-overhead", channels_last=True, autocast_dtype="bfloat16")
             >>> detector.optimize()  # back to eager fp32
         """
+        check_compile_mode(compile_mode)
         dtype = check_autocast_dtype(autocast_dtype)
         self._configure_backbone(compile_mode, channels_last, dtype if autocast_backbone else None)
         self.scorer.autocast_dtype = dtype

@@ -35,6 +35,15 @@ def test_compile_mode_and_dtype_are_validated() -> None:
         InversionScorer(model, DDPMScheduler(), compile_mode="turbo")
 
 
+def test_a_bad_setting_leaves_the_detector_as_it_was(detector) -> None:
+    before = detector.inference_settings()
+    with pytest.raises(ValueError, match="compile_mode"):
+        detector.optimize(compile_mode="turbo", channels_last=True)
+    with pytest.raises(ValueError, match="autocast dtype"):
+        detector.optimize(autocast_dtype="int8")
+    assert detector.inference_settings() == before
+
+
 @pytest.fixture(scope="module")
 def detector(make_detector):
     return make_detector("gaussian-residual-conv", scoring="hybrid")
