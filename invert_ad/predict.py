@@ -92,8 +92,9 @@ def predict_paths(
         progress: a progress bar.
         optimize: keyword arguments of :meth:`AnomalyDetector.optimize` (``compile_mode``, ``channels_last``,
             ``autocast_dtype``, ``autocast_backbone``), applied before scoring; ``None`` leaves the detector as
-            it is. A detector passed as ``model`` keeps these settings afterwards. With ``compile_mode``, the
-            last, smaller batch (and any batch shortened by unreadable images) compiles once more.
+            it is. A detector passed as ``model`` keeps these settings afterwards. With ``compile_mode`` and
+            without ``compile_batch_size``, ``batch_size`` is used as the compiled batch size, so a last, smaller
+            batch (or one shortened by unreadable images) is padded instead of compiled again.
 
     Returns:
         ``{"out": ..., "num_images": N, "num_anomalous": K, "num_failed": F}``.
@@ -103,7 +104,7 @@ def predict_paths(
         raise ValueError(f"--out must end in .json or .csv, got {out.name}")
     detector = model if isinstance(model, AnomalyDetector) else AnomalyDetector.from_pretrained(model, device=device)
     if optimize is not None:
-        detector.optimize(**optimize)
+        detector.optimize(**{"compile_batch_size": batch_size, **optimize})
     problems: list[tuple[Path, str]] = []
     paths = expand_inputs(inputs, problems)
     if not paths and not problems:

@@ -129,7 +129,7 @@ class InversionScorer:
         self.reconstruction_seed = reconstruction_seed
         self.autocast_dtype = check_autocast_dtype(autocast_dtype)
         self._eps_fn = make_eps_fn(denoiser, self.alphas_cumprod, self.prediction_type)
-        self.compile_mode = compile_mode
+        self.compile(compile_mode)
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -138,13 +138,23 @@ class InversionScorer:
 
     @property
     def compile_mode(self) -> str | None:
-        """The ``torch.compile`` mode of the latent computation, or ``None`` (eager). Settable."""
+        """The ``torch.compile`` mode of the latent computation, or ``None`` (eager); see :meth:`compile`."""
         return self._compile_mode
 
-    @compile_mode.setter
-    def compile_mode(self, mode: str | None) -> None:
-        self._compile_mode = check_compile_mode(mode)
-        self._latent_fn = self.compute_latent if mode is None else compile_function(self.compute_latent, mode)
+    def compile(self, mode: str | None, batch_size: int | None = None) -> InversionScorer:
+        """Compile the latent computation with ``mode`` (``None``: back to eager); returns ``self``.
+
+        Args:
+            mode: one of :data:`~invert_ad.acceleration.COMPILE_MODES` or ``None``.
+            batch_size: pad smaller batches to this size so they reuse the compiled graph
+                (see :func:`~invert_ad.acceleration.compile_function`).
+        """
+        check_compile_mode(mode)
+        self._latent_fn = (
+            self.compute_latent if mode is None else compile_function(self.compute_latent, mode, batch_size)
+        )
+        self._compile_mode = mode
+        return self
 
     @property
     def nfe(self) -> int:

@@ -11,7 +11,13 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from invert_ad.acceleration import COMPILE_MODES, check_autocast_dtype, check_compile_mode
+from invert_ad.acceleration import (
+    COMPILE_MODES,
+    check_autocast_dtype,
+    check_compile_mode,
+    compile_function,
+    pad_batch,
+)
 from invert_ad.models import create_denoiser
 from invert_ad.scorer import InversionScorer
 
@@ -41,7 +47,31 @@ def test_a_bad_setting_leaves_the_detector_as_it_was(detector) -> None:
         detector.optimize(compile_mode="turbo", channels_last=True)
     with pytest.raises(ValueError, match="autocast dtype"):
         detector.optimize(autocast_dtype="int8")
+    with pytest.raises(ValueError, match="compile batch_size must be a positive int"):
+        detector.optimize(compile_mode="default", compile_batch_size=0)
     assert detector.inference_settings() == before
+
+
+def test_padding_to_the_compiled_batch_size(monkeypatch) -> None:
+    seen: list[tuple[int, ...]] = []
+
+    def fake_compile(fn, mode, dynamic):  # records what the compiled graph would see, runs fn eagerly
+        assert mode == "default" and dynamic is False
+
+        def graph(x):
+            seen.append(tuple(x.shape))
+            return fn(x)
+
+        return graph
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    double = compile_function(lambda x: 2 * x, "default", batch_size=4)
+    x = torch.arange(6.0).reshape(3, 2)
+    assert torch.equal(double(x), 2 * x)  # padded to 4 rows, the extra row dropped
+    assert torch.equal(double(x[:1]), 2 * x[:1])
+    assert torch.equal(double(torch.ones(6, 2)), 2 * torch.ones(6, 2))  # larger: run as it is
+    assert seen == [(4, 2), (4, 2), (6, 2)]
+    assert torch.equal(pad_batch(x, 5)[3:], x[2:].expand(2, 2)) and pad_batch(x, 2) is x
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +142,6 @@ def test_cuda_graph_outputs_survive_later_batches(make_detector, tire_images) ->
     features = detector.extract(tire_images["test"]).cuda()
     detector.scorer.denoiser.cuda()
     eager = detector.scorer.latents(features, batch_size=2)
-    detector.scorer.compile_mode = "reduce-overhead"
+    detector.scorer.compile("reduce-overhead")
     graphed = detector.scorer.latents(features, batch_size=2)  # three replays of one graph, then cat
     assert relative_error(graphed, eager) < 1e-4

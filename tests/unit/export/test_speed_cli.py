@@ -100,10 +100,11 @@ def test_no_speed_flag_leaves_the_detector_alone(saved, optimized, evaluated, tm
 
 def test_predict_flags_reach_optimize(saved, optimized, test_images, tmp_path, capsys) -> None:
     out = tmp_path / "p.json"
-    flags = ["--compile", "max-autotune", "--autocast", "bfloat16"]
+    flags = ["--compile", "max-autotune", "--autocast", "bfloat16", "--batch-size", "8"]
     assert main(["--quiet", "predict", "--model", str(saved), str(test_images[0]), "--out", str(out), *flags]) == 0
     [(_, kwargs)] = optimized
-    assert kwargs == {**EAGER, "compile_mode": "max-autotune", "autocast_dtype": "bfloat16"}
+    expected = {**EAGER, "compile_mode": "max-autotune", "autocast_dtype": "bfloat16", "compile_batch_size": 8}
+    assert kwargs == expected  # the last, smaller batch is padded to --batch-size instead of compiled again
     assert json.loads(capsys.readouterr().out)["num_images"] == 1 and len(json.loads(out.read_text())) == 1
 
 
