@@ -17,8 +17,8 @@ table).
 Commands that produced the committed results (2-core CPU shared with other jobs)::
 
     .venv/bin/python benchmarks/steps.py --config gaussian --threads 1 --out benchmarks/results/steps_gaussian.json
-    .venv/bin/python benchmarks/steps.py --config residual-conv-128x2 --minutes 8 --threads 1 --full-max 100 \\
-        --subset 128 --subset-holdout 40 --out benchmarks/results/steps_residual_conv.json
+    .venv/bin/python benchmarks/steps.py --config residual-mlp-256x2 --minutes 8 --threads 1 --full-max 100 \\
+        --subset 128 --subset-holdout 40 --out benchmarks/results/steps_residual_mlp.json
 """
 
 from __future__ import annotations
