@@ -25,7 +25,7 @@ __all__ = [
     "collate_samples",
     "masks_by_stem",
     "pair_masks",
-    "usable_files",
+    "usable_images",
 ]
 
 GOOD = "good"  # defect_type of normal images
@@ -70,22 +70,30 @@ class DatasetProblem:
 
     Attributes:
         kind: ``"mask_missing"`` (anomalous image without a mask), ``"mask_without_image"``, ``"empty_file"``
-            (left out of the dataset) or ``"image_missing"`` (listed but absent, left out).
-        path: the file concerned.
+            (left out of the dataset), ``"unreadable_entry"`` (a dangling link, a FIFO, ...; left out) or
+            ``"image_missing"`` (listed but absent, left out).
+        path: the file concerned (for ``unreadable_entry``, followed by the reason in parentheses).
     """
 
     kind: str
     path: str
 
 
-def usable_files(paths: Sequence[Path], problems: list[DatasetProblem]) -> list[Path]:
-    """``paths`` without empty files, each of which is added to ``problems`` (a cheap check at indexing)."""
+def usable_images(folder: Path, problems: list[DatasetProblem]) -> list[Path]:
+    """The images of ``folder`` (:func:`~invert_ad.data.io.list_images`) fit to index; the rest go to ``problems``.
+
+    Empty files are reported as ``empty_file``; entries named like images that are not readable files (dangling
+    or looping symbolic links, FIFOs, ...) as ``unreadable_entry``. A cheap check at indexing: undecodable
+    contents are found when an image is loaded.
+    """
+    unreadable: list[tuple[Path, str]] = []
     kept = []
-    for path in paths:
+    for path in list_images(folder, unreadable):
         if path.stat().st_size == 0:
             problems.append(DatasetProblem("empty_file", str(path)))
         else:
             kept.append(path)
+    problems += [DatasetProblem("unreadable_entry", f"{path} ({reason})") for path, reason in unreadable]
     return kept
 
 

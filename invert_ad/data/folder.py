@@ -6,8 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from .base import GOOD, DatasetProblem, ImageDataset, ImageRecord, masks_by_stem, pair_masks, usable_files
-from .io import list_images
+from .base import GOOD, DatasetProblem, ImageDataset, ImageRecord, masks_by_stem, pair_masks, usable_images
 
 __all__ = ["FolderDataset"]
 
@@ -16,7 +15,7 @@ def _folder_images(folder: str | os.PathLike, role: str, problems: list[DatasetP
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{role} folder {folder} does not exist")
-    return usable_files(list_images(folder), problems)
+    return usable_images(folder, problems)
 
 
 class FolderDataset(ImageDataset):

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from .base import GOOD, DatasetProblem, ImageDataset, ImageRecord, masks_by_stem, pair_masks, usable_files
+from .base import GOOD, DatasetProblem, ImageDataset, ImageRecord, masks_by_stem, pair_masks, usable_images
 from .io import IMAGE_EXTENSIONS, list_images
 
 __all__ = ["MVTecDataset"]
@@ -43,16 +43,12 @@ def _normal_folder(split_dir: Path) -> Path:
     )
 
 
-def _images(folder: Path) -> list[Path]:
-    images = list_images(_image_folder(folder))
-    if not images:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {_image_folder(folder)}")
-    return images
-
-
 def _index_normal(split_dir: Path, problems: list[DatasetProblem]) -> list[ImageRecord]:
-    folder = _normal_folder(split_dir)
-    return [ImageRecord(path, 0, GOOD) for path in usable_files(_images(folder), problems)]
+    folder = _image_folder(_normal_folder(split_dir))
+    images = usable_images(folder, problems)
+    if not images:
+        raise FileNotFoundError(f"no usable images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    return [ImageRecord(path, 0, GOOD) for path in images]
 
 
 def _index_test(root: Path, split_dir: Path, problems: list[DatasetProblem]) -> list[ImageRecord]:
@@ -61,7 +57,7 @@ def _index_test(root: Path, split_dir: Path, problems: list[DatasetProblem]) -> 
         raise FileNotFoundError(f"no defect-type folders (good, <defect_type>, ...) in {split_dir}")
     records: list[ImageRecord] = []
     for type_dir in type_dirs:
-        images = usable_files(list_images(_image_folder(type_dir)), problems)
+        images = usable_images(_image_folder(type_dir), problems)
         if type_dir.name in _NORMAL_FOLDERS:
             records += [ImageRecord(path, 0, GOOD) for path in images]
             continue

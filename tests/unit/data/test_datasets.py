@@ -123,6 +123,22 @@ def test_mvtec_problems_are_reported_not_raised(mvtec):
     assert dataset[crack_1]["label"] == 1 and not dataset[crack_1]["mask"].any()
 
 
+def test_unreadable_entries_are_reported_and_left_out(mvtec, tmp_path):
+    (mvtec / "train" / "good" / "099.png").symlink_to(tmp_path / "gone.png")  # dangling
+    loop = mvtec / "test" / "crack" / "098.png"
+    loop.symlink_to(loop)
+    with pytest.warns(UserWarning, match=r"1 problem\(s\): 1 unreadable_entry"):
+        train = MVTecDataset(mvtec, "train")
+    with pytest.warns(UserWarning, match=r"unreadable_entry"):
+        test = MVTecDataset(mvtec, "test")
+    assert [p.path for p in train.problems] == [f"{mvtec / 'train' / 'good' / '099.png'} (dangling symbolic link)"]
+    assert ("unreadable_entry", f"{loop} (symbolic link loop)") in {(p.kind, p.path) for p in test.problems}
+    assert not any("099" in path or "098" in path for path in train.paths + test.paths)
+    with pytest.warns(UserWarning, match="unreadable_entry"):
+        folder = FolderDataset(mvtec / "train" / "good")
+    assert len(folder) == len(train)
+
+
 def test_mvtec3d_and_btad_layouts(tmp_path):
     tire = tmp_path / "tire"
     _image(tire / "train" / "good" / "rgb" / "000.png")
