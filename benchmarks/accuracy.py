@@ -47,6 +47,7 @@ from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from invert_ad.io import atomic_write_json
+from invert_ad.metrics import METRIC_KEYS
 from invert_ad.models import create_denoiser
 from invert_ad.pipeline import AnomalyDetector
 from invert_ad.schedule import linear_alphas_cumprod
@@ -60,16 +61,16 @@ from common import (
     DEFAULT_CACHE_DIR,
     DEFAULT_RUNS_DIR,
     DENOISER_CONFIGS,
-    METRIC_COLUMNS,
     RESULTS_DIR,
     CategoryFeatures,
     DenoiserConfig,
-    default_data_dirs,
+    add_threads_argument,
     evaluate_maps,
     load_category,
     load_json_file,
     load_results,
     markdown_table,
+    parse_args,
     run_info,
     write_results,
 )
@@ -335,7 +336,7 @@ def accuracy_markdown(result: dict[str, Any]) -> str:
                 },
             )
         )
-    columns = ["config", "variant", "nfe", *METRIC_COLUMNS, "ms_per_image"]
+    columns = ["config", "variant", "nfe", *METRIC_KEYS, "ms_per_image"]
     for name in sorted({r["category"] for r in result["runs"]} | set(result.get("baselines", {}))):
         rows = []
         for run in (r for r in result["runs"] if r["category"] == name):
@@ -386,15 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="redo what the JSON already holds")
     parser.add_argument("--retrain", action="store_true", help="train again even if a saved model exists")
     parser.add_argument("--batch-size", type=int, default=64, help="images per denoiser call when scoring")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared 2-core machine)"
-    )
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = args.data or default_data_dirs()
-    if not data:
-        parser.error("no --data given and ../shared/data holds no category")
+    add_threads_argument(parser)
+    args = parse_args(parser, argv)
+    data = args.data
     training = TrainingConfig(
         minutes=None if args.steps else args.minutes, steps=args.steps, autocast_dtype=args.train_autocast
     )

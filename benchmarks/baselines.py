@@ -30,17 +30,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from invert_ad.metrics import METRIC_KEYS
 from invert_ad.models.gaussian import ledoit_wolf
 
 from common import (
     DEFAULT_CACHE_DIR,
-    METRIC_COLUMNS,
     RESULTS_DIR,
     CategoryFeatures,
-    default_data_dirs,
+    add_threads_argument,
     evaluate_maps,
     load_category,
     markdown_table,
+    parse_args,
     run_info,
     write_results,
 )
@@ -269,7 +270,7 @@ def run_baselines(category: CategoryFeatures, which: list[str] | None = None, pr
 
 def baseline_markdown(rows: list[dict], title: str = "Baselines on standardised lite0 192x16x16 features") -> str:
     """A Markdown section for baseline rows."""
-    columns = ["category", "method", *METRIC_COLUMNS, "fit_seconds", "score_seconds"]
+    columns = ["category", "method", *METRIC_KEYS, "fit_seconds", "score_seconds"]
     headers = {"fit_seconds": "fit s", "score_seconds": "score s"}
     return f"## {title}\n\n" + markdown_table(rows, columns, headers)
 
@@ -288,13 +289,9 @@ def main(argv: list[str] | None = None) -> None:
         default=["patchcore", "patchcore-full", "padim", "padim-reg"],
         choices=["patchcore", "patchcore-full", "padim", "padim-reg"],
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = args.data or default_data_dirs()
-    if not data:
-        parser.error("no --data given and ../shared/data holds no category")
+    add_threads_argument(parser)
+    args = parse_args(parser, argv)
+    data = args.data
     result: dict[str, Any] = {"benchmark": "baselines", "run": run_info(), "settings": vars(args) | {}, "rows": []}
     result["settings"] = {k: [str(x) for x in v] if isinstance(v, list) else str(v) for k, v in vars(args).items()}
     for root in data:

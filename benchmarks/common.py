@@ -8,6 +8,7 @@ benchmarks sharing a ``--cache-dir``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -37,12 +38,12 @@ __all__ = [
     "DEFAULT_DATA",
     "DEFAULT_RUNS_DIR",
     "DENOISER_CONFIGS",
-    "METRIC_COLUMNS",
     "REPO_ROOT",
     "RESULTS_DIR",
     "CategoryFeatures",
     "DenoiserConfig",
     "Timer",
+    "add_threads_argument",
     "default_data_dirs",
     "evaluate_maps",
     "fmt",
@@ -50,6 +51,7 @@ __all__ = [
     "load_json_file",
     "load_results",
     "markdown_table",
+    "parse_args",
     "peak_rss_mb",
     "run_info",
     "write_results",
@@ -61,17 +63,6 @@ DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_CACHE_DIR = Path(os.environ.get("INVERT_AD_BENCH_CACHE", "/tmp/invert_ad_cache"))
 DEFAULT_RUNS_DIR = Path(os.environ.get("INVERT_AD_BENCH_RUNS", "/tmp/invert_ad_bench_runs"))
 
-METRIC_COLUMNS: tuple[str, ...] = (
-    "image_auroc",
-    "image_ap",
-    "image_f1max",
-    "pixel_auroc",
-    "pixel_ap",
-    "pixel_f1max",
-    "aupro",
-    "mad",
-)
-"""The seven metrics of InvAD's tables and their mean, in table order."""
 
 METRIC_HEADERS: dict[str, str] = {
     "image_auroc": "I-AUROC",
@@ -244,6 +235,29 @@ def default_data_dirs() -> list[Path]:
     if not DEFAULT_DATA.is_dir():
         return []
     return sorted(p for p in DEFAULT_DATA.iterdir() if (p / "train").is_dir())
+
+
+# ----------------------------------------------------------------------------------------------- command line
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads``: torch CPU threads, applied by :func:`parse_args`."""
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared 2-core machine)"
+    )
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, data: bool = True) -> argparse.Namespace:
+    """Parse ``argv``, set torch's thread count from ``--threads`` and, with ``data``, fill ``args.data``.
+
+    ``args.data`` defaults to every category of ``../shared/data``; none at all is a usage error.
+    """
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if data:
+        args.data = args.data or default_data_dirs()
+        if not args.data:
+            parser.error("no --data given and ../shared/data holds no category")
+    return args
 
 
 @dataclass

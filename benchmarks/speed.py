@@ -61,8 +61,10 @@ from common import (
     DENOISER_CONFIGS,
     RESULTS_DIR,
     CategoryFeatures,
+    add_threads_argument,
     load_category,
     markdown_table,
+    parse_args,
     peak_rss_mb,
     run_info,
     write_results,
@@ -439,12 +441,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-batch", type=int, default=32, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared 2-core machine)"
-    )
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_threads_argument(parser)
+    args = parse_args(parser, argv, data=False)
     if args.memory_child:
         print(
             json.dumps(child_memory(args.memory_child, args.category, args.cache_dir, args.memory_batch, args.device))

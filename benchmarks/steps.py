@@ -44,11 +44,12 @@ from common import (
     DENOISER_CONFIGS,
     RESULTS_DIR,
     CategoryFeatures,
-    default_data_dirs,
+    add_threads_argument,
     evaluate_maps,
     load_category,
     load_results,
     markdown_table,
+    parse_args,
     run_info,
     write_results,
 )
@@ -203,15 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--force", action="store_true", help="recompute what the JSON already holds")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared 2-core machine)"
-    )
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = args.data or default_data_dirs()
-    if not data:
-        parser.error("no --data given and ../shared/data holds no category")
+    add_threads_argument(parser)
+    args = parse_args(parser, argv)
+    data = args.data
     previous = None if args.force else load_results(args.out)
     result: dict[str, Any] = {
         "benchmark": "steps",
