@@ -194,7 +194,9 @@ def _position_precisions(
             cov = cov + epsilon * torch.eye(chunk.shape[2], dtype=cov.dtype)
         else:
             raise ValueError(f"covariance must be 'ledoit_wolf' or 'regularized', got {covariance!r}")
-        precisions.append(torch.linalg.inv(cov))
+        # Cholesky, not LU: the covariances are SPD, and this torch build's multi-threaded batched LU (MKL
+        # getrf) fails on them ("Parameter 6 was incorrect on entry to DLASWP").
+        precisions.append(torch.cholesky_inverse(torch.linalg.cholesky(cov)))
     return means, torch.cat(precisions)
 
 
