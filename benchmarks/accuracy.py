@@ -49,12 +49,12 @@ from tqdm.auto import tqdm
 from invert_ad.io import atomic_write_json
 from invert_ad.metrics import METRIC_KEYS
 from invert_ad.models import create_denoiser
-from invert_ad.pipeline import AnomalyDetector
+from invert_ad.detector import AnomalyDetector
 from invert_ad.schedule import linear_alphas_cumprod
 from invert_ad.scorer import InversionScorer
 from invert_ad.scoring import HybridScorer, MaxMinScorer, MaxNormScorer, NLLScorer, Scorer
 from invert_ad.training import TrainingConfig
-from invert_ad.training.recipe import train_detector
+from invert_ad.training.train import train_detector
 
 from baselines import run_baselines
 from common import (
@@ -288,7 +288,7 @@ def evaluate_variants(
                 "category": category.name,
                 "variant": variant.name,
                 "nfe": inverter.nfe,
-                **evaluate_maps(result.image_scores, result.anomaly_maps, category),
+                **evaluate_maps(result.raw_score, result.raw_map, category),
                 "seconds_per_image": round(seconds_per_image, 5),
                 "settings": {**settings, "grid": inverter.grid.to_dict(), "scorer": repr(scorer)},
             }

@@ -254,7 +254,7 @@ def run_baselines(category: CategoryFeatures, which: list[str] | None = None, pr
     rows = []
     for key in tqdm(which, desc=f"baselines {category.name}", disable=not progress, unit="baseline"):
         out = runners[key]()
-        metrics = evaluate_maps(out.image_scores, out.maps, category)
+        metrics = evaluate_maps(out.raw_score, out.maps, category)
         rows.append(
             {
                 "category": category.name,

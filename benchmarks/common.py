@@ -30,8 +30,8 @@ from invert_ad.data import FeatureCache, MVTecDataset, cached_features, load_mas
 from invert_ad.features import create_feature_extractor
 from invert_ad.io import atomic_write_json, atomic_write_text
 from invert_ad.metrics import evaluate_metrics
-from invert_ad.pipeline import channel_statistics, upsample_maps
-from invert_ad.training.recipe import DEFAULT_BACKBONE, _split
+from invert_ad.detector import channel_statistics, upsample_maps
+from invert_ad.training.train import DEFAULT_BACKBONE, _split
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -379,7 +379,7 @@ def evaluate_maps(
     """The seven metrics and mAD from image scores and feature-grid maps ``(N, h, w)``.
 
     Maps are upsampled bilinearly (``align_corners=False``, no smoothing) to the image size, as
-    :class:`~invert_ad.pipeline.AnomalyDetector` does, and compared with the masks there (exact metrics).
+    :class:`~invert_ad.detector.AnomalyDetector` does, and compared with the masks there (exact metrics).
     """
     scores = image_scores.detach().cpu().double().numpy() if isinstance(image_scores, torch.Tensor) else image_scores
     maps = upsample_maps(grid_maps.detach().cpu().float(), (category.image_size, category.image_size)).numpy()

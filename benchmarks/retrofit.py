@@ -210,9 +210,9 @@ def evaluate(
             fit_seconds = fit_timer.seconds
         with Timer() as timer:
             out = adapter.score_images(scorer, test["images"], batch_size=batch)
-        maps = adapter.to_pixel_map(out.anomaly_maps, size)
+        maps = adapter.to_pixel_map(out.raw_map, size)
         metrics = evaluate_metrics(
-            out.image_scores.double().numpy(), test["labels"].numpy(), maps.numpy(), test["masks"].numpy()
+            out.raw_score.double().numpy(), test["labels"].numpy(), maps.numpy(), test["masks"].numpy()
         )
         row = {
             "model": name,
@@ -221,7 +221,7 @@ def evaluate(
             "images_per_s": len(test["images"]) / timer.seconds,
             "score_seconds": timer.seconds,
             "fit_seconds": fit_seconds,
-            "map_grid": list(out.anomaly_maps.shape[-2:]),
+            "map_grid": list(out.raw_map.shape[-2:]),
             "settings": {k: v for k, v in kwargs.items()},
             **metrics,
         }

@@ -44,7 +44,7 @@ from invert_ad.data import list_images, load_image
 from invert_ad.features import create_feature_extractor
 from invert_ad.io import atomic_write_json
 from invert_ad.models import create_denoiser
-from invert_ad.pipeline import AnomalyDetector, channel_statistics
+from invert_ad.detector import AnomalyDetector, channel_statistics
 from invert_ad.predict import predict_paths
 from invert_ad.scorer import InversionScorer
 

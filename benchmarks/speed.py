@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from invert_ad.data import MVTecDataset
 from invert_ad.features import create_feature_extractor
 from invert_ad.models import create_denoiser
-from invert_ad.pipeline import AnomalyDetector
+from invert_ad.detector import AnomalyDetector
 from invert_ad.scorer import InversionScorer
 
 from common import (
@@ -230,7 +230,7 @@ def settings_rows(
     x_img = images.to(device)
     with torch.inference_mode():
         reference = detector.score(x_img)
-    ref_scores = reference.image_scores.double().numpy()
+    ref_scores = reference.raw_score.double().numpy()
     rows = []
     for name in names:
         detector.optimize(**SETTINGS[name])
@@ -242,7 +242,7 @@ def settings_rows(
         first_call = time.perf_counter() - start
         times = measure({name: lambda: detector.score(x_img)}, device, repeats)[name]
         seconds = statistics.median(times)
-        scores = out.image_scores.double().numpy()
+        scores = out.raw_score.double().numpy()
         rows.append(
             {
                 "config": config_name,
@@ -254,7 +254,7 @@ def settings_rows(
                 "first_call_s": first_call,
                 "score_spearman": float(spearmanr(ref_scores, scores).statistic),
                 "score_rel_error": float(np.linalg.norm(scores - ref_scores) / np.linalg.norm(ref_scores)),
-                "map_max_abs_diff": float((out.anomaly_maps - reference.anomaly_maps).abs().max()),
+                "map_max_abs_diff": float((out.raw_map - reference.raw_map).abs().max()),
             }
         )
         torch.compiler.reset()  # drop compiled graphs before the next setting

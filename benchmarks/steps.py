@@ -105,7 +105,7 @@ def score_grid(
                 "scoring": name,
                 "nfe": inverter.nfe,
                 "points": list(inverter.grid.points),
-                **evaluate_maps(out.image_scores, out.anomaly_maps, category),
+                **evaluate_maps(out.raw_score, out.raw_map, category),
                 "latent_std_test_normal": float(test_latents[normal].std()),
                 "latent_std_test_anomalous": float(test_latents[~normal].std()),
                 "seconds_per_image": round(seconds / len(category.test), 5),

@@ -114,7 +114,7 @@ def main() -> None:
         with adapter.condition(test_images) as x0:
             out = scorer.score(x0)
         rate = len(test_images) / (time.perf_counter() - start)
-        auroc = roc_auc_score(labels.numpy(), out.image_scores.numpy())
+        auroc = roc_auc_score(labels.numpy(), out.raw_score.numpy())
         print(f"{name:<24} {scorer.nfe:>4} {auroc:>8.3f} {rate:>9.1f}")
 
 

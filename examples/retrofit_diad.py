@@ -66,7 +66,7 @@ def main() -> None:
     scorer = InversionScorer(adapter, adapter.scheduler, timesteps="paper", scoring="nll")
     with adapter.condition(test) as x0:
         out = scorer.score(x0)
-    print(f"latents {tuple(x0.shape)}, maps {tuple(out.anomaly_maps.shape)}, scores {out.image_scores.tolist()}")
+    print(f"latents {tuple(x0.shape)}, maps {tuple(out.raw_map.shape)}, scores {out.raw_score.tolist()}")
 
     # Chunked and calibrated: every chunk is encoded and scored under its own images' hint.
     methods = {
@@ -81,7 +81,7 @@ def main() -> None:
         start = time.perf_counter()
         out = adapter.score_images(scorer, test, batch_size=4)
         seconds = time.perf_counter() - start
-        pixel_maps = adapter.to_pixel_map(out.anomaly_maps, test.shape[-2:])
+        pixel_maps = adapter.to_pixel_map(out.raw_map, test.shape[-2:])
         print(f"{name:<22} NFE {scorer.nfe:>2}  maps {tuple(pixel_maps.shape)}  {len(test) / seconds:6.1f} images/s")
 
     # Outside a block the adapter refuses to guess the hint.

@@ -7,18 +7,18 @@ decisions out). Subpackages: ``adapters``, ``data``, ``features``, ``metrics``, 
 
 from ._version import __version__
 from .calibration import Calibration
-from .pipeline import AnomalyDetector, Prediction
+from .detector import AnomalyDetector, DetectorOutput
 from .schedule import InversionGrid, resolve_grid
-from .scorer import InversionScorer, ScoreOutput
-from .scoring import NotFittedError, Scorer, create_scorer, list_scorers, register_scorer
+from .scorer import InversionScorer
+from .scoring import NotFittedError, ScoreOutput, Scorer, create_scorer, list_scorers, register_scorer
 
 __all__ = [
     "AnomalyDetector",
     "Calibration",
+    "DetectorOutput",
     "InversionGrid",
     "InversionScorer",
     "NotFittedError",
-    "Prediction",
     "ScoreOutput",
     "Scorer",
     "__version__",

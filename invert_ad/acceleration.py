@@ -2,7 +2,7 @@
 
 None of these change what a model is, only how fast it runs; nothing here is saved with a model. The functions
 are pure wrappers used by :class:`~invert_ad.scorer.InversionScorer` (the latent computation) and
-:class:`~invert_ad.pipeline.AnomalyDetector` (the backbone).
+:class:`~invert_ad.detector.AnomalyDetector` (the backbone).
 
 ``torch.compile`` modes:
 

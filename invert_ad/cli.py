@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,27 @@ def _grid(value: str) -> Any:
     return int(value) if value.isdigit() else value
 
 
+def _positive(kind: type) -> Any:
+    """An argparse type: a number of ``kind`` above zero, with one message for 0 and negatives."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    return parse
+
+
 def _training_config(args: argparse.Namespace):
     from .training import TrainingConfig
 
-    minutes = None if args.steps is not None and args.minutes is None else (args.minutes or 10.0)
+    minutes = args.minutes
+    if minutes is None and args.steps is None:
+        minutes = args.default_minutes
     return TrainingConfig(
         steps=args.steps,
         minutes=minutes,
@@ -40,8 +58,9 @@ def _add_training_args(p: argparse.ArgumentParser, minutes: float | None) -> Non
 
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"feature extractor (default {DEFAULT_BACKBONE})")
     p.add_argument("--denoiser", default=DEFAULT_DENOISER, help=f"denoiser preset (default {DEFAULT_DENOISER})")
-    p.add_argument("--minutes", type=float, default=minutes, help="training time budget")
-    p.add_argument("--steps", type=int, default=None, help="training step budget (overrides --minutes' plan)")
+    p.add_argument("--minutes", type=_positive(float), default=None, help=f"training time budget (default {minutes:g})")
+    p.add_argument("--steps", type=_positive(int), default=None, help="training step budget (with --minutes: both)")
+    p.set_defaults(default_minutes=minutes)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0)
@@ -56,7 +75,7 @@ def _add_training_args(p: argparse.ArgumentParser, minutes: float | None) -> Non
 
 
 def _train(args: argparse.Namespace, data: Any) -> Any:
-    from .training.recipe import train_detector
+    from .training.train import train_detector
 
     return train_detector(
         data,
@@ -76,6 +95,8 @@ def _train(args: argparse.Namespace, data: Any) -> Any:
 def cmd_train(args: argparse.Namespace) -> int:
     summary = _train(args, args.data)
     print(json.dumps({"model": str(summary.out_dir), **summary.info}, indent=2, default=str))
+    if summary.info.get("verdict"):
+        print(summary.info["verdict"], file=sys.stderr)
     return 0
 
 
@@ -155,15 +176,33 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .pipeline import AnomalyDetector
+    from .detector import AnomalyDetector
 
     overrides = {k: v for k, v in (("timesteps", args.timesteps), ("scoring", args.scoring)) if v is not None}
-    if "scoring" in overrides:
-        print("note: a new --scoring is calibrated on nothing; prefer the saved scorer", file=sys.stderr)
     detector = AnomalyDetector.from_pretrained(args.model, device=args.device, **overrides)
+    if overrides:  # the saved fit and thresholds belong to the saved settings: refit them on normal images
+        _refit(detector, args)
     report = _evaluate(args, detector, args.data, args.out)
     print(json.dumps(_summary(report), indent=2))
     return 0
+
+
+def _refit(detector: Any, args: argparse.Namespace) -> None:
+    """Fit the statistic and thresholds of a detector loaded with new settings on the data's normal train images."""
+    import torch
+
+    from .data import open_dataset
+
+    dataset = open_dataset(args.data, "train", detector.image_size)
+    refittable = callable(getattr(detector.scorer.denoiser, "refit", None))
+    print(
+        f"note: --timesteps/--scoring change the latent, so the statistic and thresholds are refitted on the "
+        f"{len(dataset)} normal training images of {args.data}"
+        + ("" if refittable else " (in sample for this trained denoiser: thresholds are optimistic)"),
+        file=sys.stderr,
+    )
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    detector.fit(images, fpr=args.fpr, progress=not args.quiet)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -228,8 +267,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .detector import AnomalyDetector
     from .export import export_onnx, export_torch
-    from .pipeline import AnomalyDetector
 
     detector = AnomalyDetector.from_pretrained(args.model, device=args.device)
     fmt = args.format or ("torch" if args.out.suffix == ".pt2" else "onnx")
@@ -264,8 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder or Hub repo id")
     p.add_argument("--data", required=True, type=Path, help="MVTec-layout category folder (its test split)")
     p.add_argument("--out", required=True, type=Path, help="JSON report to write")
-    p.add_argument("--timesteps", type=_grid, default=None, help="override the saved grid")
-    p.add_argument("--scoring", default=None, help="override the saved scorer")
+    p.add_argument(
+        "--timesteps", type=_grid, default=None, help="override the saved grid (refits on the data's train split)"
+    )
+    p.add_argument("--scoring", default=None, help="override the saved scorer (refits on the data's train split)")
+    p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate of the refit thresholds")
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache-dir", type=Path, default=None)
     _add_eval_args(p)
@@ -307,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="invert-ad: %(message)s")  # phase lines, also under --quiet
     _check_speed_args(parser, args)
     try:
         return args.func(args)

@@ -15,13 +15,12 @@ from tqdm.auto import tqdm
 
 from ._version import __version__
 from .acceleration import autocast
-from .data import FeatureCache, ImageDataset, cached_features, load_mask
+from .data import FeatureCache, ImageDataset, cached_features, default_cache_dir, load_mask, open_dataset
+from .denoiser import first_tensor
+from .detector import AnomalyDetector
 from .io import atomic_write_json
 from .metrics import evaluate_metrics
-from .pipeline import AnomalyDetector
-from .scorer import first_tensor
-from .scoring import hybrid_from_components
-from .training.recipe import default_cache_dir, open_dataset
+from .scoring import ScoreOutput, hybrid_from_components
 
 __all__ = ["evaluate_detector", "time_detector"]
 
@@ -106,12 +105,12 @@ def evaluate_detector(
         heatmaps: how many overlays to save (spread over normal and anomalous images).
         timing: measure latency at batch 1 and throughput at batch ``batch_size`` (each after a warm-up call).
         plots: with ``out``, also save the score histogram and the ROC curve as PNG beside the report.
-        cache_dir: feature cache (default :func:`~invert_ad.training.recipe.default_cache_dir`).
+        cache_dir: feature cache (default :func:`~invert_ad.data.default_cache_dir`).
         progress: progress bars.
 
     Returns:
         The report: the metric keys (fractions in [0, 1], pixel keys ``None`` without masks), counts, NFE,
-        timings, device and dtype, the speed settings, and per-image ``path`` / ``label`` / ``score``.
+        timings, device and dtype, the speed settings, and per-image ``path`` / ``label`` / ``raw_score`` / ``defect_type``.
     """
     dataset = open_dataset(data, "test", detector.image_size)
     low_precision = detector.backbone_autocast_dtype
@@ -122,17 +121,17 @@ def evaluate_detector(
         )
     labels, masks, records, has_masks = _masks(dataset, paths)
     features = detector.standardize(raw.to(detector.device))
-    parts = [
-        detector.score_features(chunk)
-        for chunk in tqdm(features.split(batch_size), desc="scoring", disable=not progress, unit="batch")
-    ]
-    scores = torch.cat([p.image_scores for p in parts])
-    maps = torch.cat([p.anomaly_maps for p in parts])
+    out = ScoreOutput.cat(
+        [
+            detector.score_features(chunk, batch_size)
+            for chunk in tqdm(features.split(batch_size), desc="scoring", disable=not progress, unit="batch")
+        ]
+    )
+    scores, maps = out.raw_score, out.raw_map
     if transductive:
-        if not {"nll", "maxmin"} <= set(parts[0].scores.components):
+        if not {"nll", "maxmin"} <= set(out.components):
             raise ValueError("transductive normalisation needs a hybrid-style scorer (nll and maxmin components)")
-        components = {k: torch.cat([p.scores.components[k].cpu() for p in parts]) for k in ("nll", "maxmin")}
-        scores = hybrid_from_components(components["nll"], components["maxmin"]).float()
+        scores = hybrid_from_components(out.components["nll"].cpu(), out.components["maxmin"].cpu()).float()
     metrics = evaluate_metrics(
         scores.numpy(), labels, maps.numpy() if has_masks else None, masks if has_masks else None, mode=mode
     )
@@ -146,7 +145,7 @@ def evaluate_detector(
         "num_skipped": len(dataset) - len(paths),
         "nfe": detector.scorer.nfe,
         "grid": detector.scorer.grid.to_dict(),
-        "scorer": repr(detector.scorer.scorer),
+        "scorer": repr(detector.scorer),
         "device": str(detector.device),
         "dtype": str(param.dtype if param is not None else torch.float32).replace("torch.", ""),
         "inference": detector.inference_settings(),
@@ -155,7 +154,7 @@ def evaluate_detector(
         "invert_ad_version": __version__,
         "data": str(data) if not isinstance(data, ImageDataset) else repr(data),
         "per_image": [
-            {"path": p, "label": int(y), "score": float(s), "defect_type": r.defect_type}
+            {"path": p, "label": int(y), "raw_score": float(s), "defect_type": r.defect_type}
             for p, y, s, r in zip(paths, labels, scores.tolist(), records, strict=True)
         ],
     }
@@ -164,7 +163,7 @@ def evaluate_detector(
         report.update(time_detector(detector, sample, batch_size=min(batch_size, 32)))
     if out is not None:
         out = Path(out)
-        if heatmaps > 0 and detector.calibration is not None:
+        if heatmaps > 0 and detector.is_fitted:
             from .viz import save_heatmaps
 
             chosen = np.unique(np.linspace(0, len(paths) - 1, num=min(heatmaps, len(paths))).round().astype(int))
@@ -176,7 +175,7 @@ def evaluate_detector(
         if plots:
             from .viz import save_roc_curve, save_score_histogram
 
-            threshold = detector.calibration.image_threshold if detector.calibration and not transductive else None
+            threshold = detector.calibration.image_threshold if detector.is_fitted and not transductive else None
             report["plots"] = [
                 str(save_score_histogram(scores.numpy(), labels, out.with_name(out.stem + "_scores.png"), threshold)),
                 str(save_roc_curve(scores.numpy(), labels, out.with_name(out.stem + "_roc.png"))),

@@ -1,12 +1,12 @@
 """Export a detector's whole scoring path as one graph: ONNX and ``torch.export`` (``.pt2``).
 
-:class:`ExportableDetector` is an ``nn.Module`` built from an :class:`~invert_ad.pipeline.AnomalyDetector`:
-images ``(B, 3, S, S)`` in ``[0, 1]`` go in; raw image scores, calibrated normalised scores and anomaly maps at
-``S x S`` come out. Its forward calls the library's own functions, nothing re-implemented: the extractor's
-forward, :meth:`AnomalyDetector.standardize <invert_ad.pipeline.AnomalyDetector.standardize>`,
+:class:`ExportableDetector` is an ``nn.Module`` built from an :class:`~invert_ad.detector.AnomalyDetector`:
+images ``(B, 3, S, S)`` in ``[0, 1]`` go in; ``raw_score``, ``pred_score`` and ``raw_map`` at ``S x S`` come out
+(the names of :class:`~invert_ad.DetectorOutput`). Its forward calls the library's own functions, nothing re-implemented: the extractor's
+forward, :meth:`AnomalyDetector.standardize <invert_ad.detector.AnomalyDetector.standardize>`,
 :func:`~invert_ad.inversion.ddim_integrate` over the grid's alpha-bars (or
-:func:`~invert_ad.inversion.one_step_irf`), the scorer's own ``score``, :func:`~invert_ad.pipeline.upsample_maps`
-and :meth:`Calibration.normalize_image_scores <invert_ad.calibration.Calibration.normalize_image_scores>`.
+:func:`~invert_ad.inversion.one_step_irf`), the statistic's own ``score``, :func:`~invert_ad.scoring.upsample_maps`
+and :meth:`Calibration.normalize_scores <invert_ad.calibration.Calibration.normalize_scores>`.
 Tracing unrolls the loop into a fixed sequence of network calls with constant coefficients; fitted state (the
 feature statistics, the hybrid normalisation's location and scale, the thresholds) becomes constants of the
 graph.
@@ -35,8 +35,9 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from ._version import __version__
+from .detector import AnomalyDetector
 from .io import atomic_write_bytes
-from .pipeline import AnomalyDetector, upsample_maps
+from .scoring import upsample_maps
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 INPUT_NAME = "images"
-OUTPUT_NAMES = ("raw_image_scores", "normalized_scores", "anomaly_maps")
+OUTPUT_NAMES = ("raw_score", "pred_score", "raw_map")
 """Names of the exported graph's outputs, in the order :meth:`ExportableDetector.forward` returns them."""
 DEFAULT_OPSET = 18
 DEFAULT_TOLERANCE = 1e-3
@@ -87,9 +88,9 @@ class ExportResult:
 def _check_exportable(detector: AnomalyDetector) -> None:
     """Refuse detectors whose scores an exported graph could not reproduce, saying why."""
     scorer = detector.scorer
-    statistic = scorer.scorer
-    if detector.calibration is None:
-        raise ValueError("export needs a calibrated detector (normalised scores): call fit_calibration first")
+    if not detector.is_fitted:
+        raise ValueError("export needs a calibrated detector (its thresholds normalise the scores): call fit first")
+    statistic = scorer.statistic
     if statistic.latent not in _EXPORTABLE_LATENTS:
         raise ValueError(
             f"scorers reading the {statistic.latent!r} latent are not exported (the reconstruction baseline draws "
@@ -100,7 +101,6 @@ def _check_exportable(detector: AnomalyDetector) -> None:
             "the transductive 'test-minmax' hybrid normalises over the scored batch itself: it reproduces tables, "
             "it cannot be deployed; export a hybrid fitted on normal images ('standardize' or 'minmax')"
         )
-    statistic.check_is_fitted()
     if scorer.autocast_dtype is not None:
         raise ValueError(
             f"the scorer runs its denoiser under autocast ({scorer.autocast_dtype}); exports are traced in the "
@@ -109,7 +109,7 @@ def _check_exportable(detector: AnomalyDetector) -> None:
 
 
 class ExportableDetector(nn.Module):
-    """The whole scoring path of an :class:`~invert_ad.pipeline.AnomalyDetector` as one traceable module.
+    """The whole scoring path of an :class:`~invert_ad.detector.AnomalyDetector` as one traceable module.
 
     It shares the detector's modules (no copy) and reads its fitted state when traced. Unlike
     :meth:`AnomalyDetector.score`, :meth:`forward` checks shapes only (never values), so that it traces.
@@ -125,7 +125,7 @@ class ExportableDetector(nn.Module):
 
     Example:
         >>> module = ExportableDetector(detector)                          # doctest: +SKIP
-        >>> raw, normalized, maps = module(images)   # (B,), (B,), (B, S, S) # doctest: +SKIP
+        >>> raw_score, pred_score, raw_map = module(images)   # (B,), (B,), (B, S, S) # doctest: +SKIP
     """
 
     def __init__(self, detector: AnomalyDetector) -> None:
@@ -156,21 +156,20 @@ class ExportableDetector(nn.Module):
             images: ``(B, 3, S, S)`` float32 in ``[0, 1]``, ``S = image_size``.
 
         Returns:
-            ``raw_image_scores`` ``(B,)`` (as :attr:`DetectorOutput.image_scores
-            <invert_ad.pipeline.DetectorOutput.image_scores>`), ``normalized_scores`` ``(B,)`` in ``[0, 1]``
-            with the threshold at 0.5, and ``anomaly_maps`` ``(B, S, S)`` raw maps upsampled bilinearly; higher
-            is more anomalous in all three.
+            ``raw_score`` ``(B,)``, ``pred_score`` ``(B,)`` float32 in ``(0, 1)`` with the threshold at 0.5, and
+            ``raw_map`` ``(B, S, S)`` upsampled bilinearly, as in :class:`~invert_ad.DetectorOutput`; higher is more
+            anomalous in all three.
         """
         detector = self.detector
         features = detector.standardize(self.feature_extractor(images))
-        result = detector.scorer.scorer.score(self.latents(features))
-        raw = result.image_scores.float()
-        maps = upsample_maps(result.anomaly_maps, (self.image_size, self.image_size))
-        return raw, detector.calibration.normalize_image_scores(raw), maps
+        result = detector.scorer.statistic.score(self.latents(features))
+        raw = result.raw_score.float()
+        maps = upsample_maps(result.raw_map, (self.image_size, self.image_size))
+        return raw, detector.calibration.normalize_scores(raw).float(), maps
 
     def extra_repr(self) -> str:
         scorer = self.detector.scorer
-        return f"image_size={self.image_size}, scorer={scorer.scorer!r}, nfe={scorer.nfe}"
+        return f"image_size={self.image_size}, statistic={scorer.statistic!r}, nfe={scorer.nfe}"
 
 
 def _example_images(detector: AnomalyDetector, images: torch.Tensor | None) -> torch.Tensor:
@@ -229,9 +228,9 @@ def _compare(
     """
     reference = detector.score(images)
     expected = (
-        reference.image_scores,
-        detector.calibration.normalize_image_scores(reference.image_scores),
-        reference.anomaly_maps,
+        reference.raw_score,
+        detector.calibration.normalize_scores(reference.raw_score).float(),
+        reference.raw_map,
     )
     absolute, relative = {}, {}
     for name, got, want in zip(OUTPUT_NAMES, outputs, expected, strict=True):
@@ -298,7 +297,7 @@ def export_torch(
 
 
 def load_torch(path: str | os.PathLike | io.BytesIO) -> nn.Module:
-    """A module from a file written by :func:`export_torch`: ``module(images) -> (raw, normalized, maps)``."""
+    """A module from a file written by :func:`export_torch`: ``module(images) -> (raw_score, pred_score, raw_map)``."""
     return torch.export.load(path if isinstance(path, io.BytesIO) else os.fspath(path)).module()
 
 
@@ -311,7 +310,7 @@ def _metadata(detector: AnomalyDetector) -> dict[str, str]:
         "input": f"{INPUT_NAME}: (batch, 3, {detector.image_size}, {detector.image_size}) float32 RGB in [0, 1]",
         "outputs": ", ".join(OUTPUT_NAMES),
         "calibration": json.dumps(detector.calibration.to_dict(), sort_keys=True),
-        "scorer": repr(scorer.scorer),
+        "scorer": repr(scorer.statistic),
         "grid": json.dumps(scorer.grid.to_dict()),
         "nfe": str(scorer.nfe),
         "feature_extractor": json.dumps(detector.feature_extractor.get_config(), sort_keys=True),
@@ -342,7 +341,7 @@ def export_onnx(
 
     The graph has input ``images`` ``(batch, 3, S, S)`` float32 in ``[0, 1]`` and outputs
     :data:`OUTPUT_NAMES`; the batch axis is dynamic. The model's metadata holds the calibration (the pixel
-    threshold and median normalise ``anomaly_maps`` as :meth:`Calibration.normalize_maps
+    threshold and median normalise ``raw_map`` as :meth:`Calibration.normalize_maps
     <invert_ad.calibration.Calibration.normalize_maps>` does), the image size, the scorer and the grid.
     Models above protobuf's 2 GB limit (DiT-gigant) do not fit one file: use :func:`export_torch`.
 

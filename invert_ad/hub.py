@@ -4,11 +4,12 @@ A model folder::
 
     MODEL_DIR/
       scorer_config.json            InversionScorer: grid, scorer, IRF / reconstruction settings
-      scorer_state.safetensors      the scorer's calibration (e.g. the hybrid normalisation)
+      scorer_state.safetensors      the fitted statistic (e.g. the hybrid normalisation)
       denoiser/                     the denoiser (diffusers save_pretrained: config.json + safetensors)
       scheduler/                    the scheduler config
-      detector_config.json          (AnomalyDetector only) the backbone spec and feature standardisation
-      detector_state.safetensors    (AnomalyDetector only) feature statistics and thresholds
+      detector_config.json          (AnomalyDetector only) the backbone spec, the thresholds (calibration)
+                                    and the domain statistics
+      detector_state.safetensors    (AnomalyDetector only) the per-channel feature standardisation
       README.md                     a model card
 """
 
@@ -16,12 +17,21 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
 
-__all__ = ["load_json", "model_class", "resolve_model_dir", "scheduler_class", "write_model_card"]
+__all__ = [
+    "detector_model_card",
+    "load_json",
+    "model_class",
+    "push_folder_to_hub",
+    "resolve_model_dir",
+    "scheduler_class",
+    "write_model_card",
+]
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None, token: str | None = None) -> Path:
@@ -113,3 +123,70 @@ def write_model_card(folder: Path, *, title: str, body: str, metadata: dict[str,
             lines.append(f"{key}: {value}")
     lines += ["---", "", f"# {title}", "", body.strip(), ""]
     atomic_write_text(folder / "README.md", "\n".join(lines))
+
+
+def push_folder_to_hub(
+    save: Callable[[Path], Any], repo_id: str, *, private: bool = True, token: str | None = None, **kwargs: Any
+) -> str:
+    """Save a model with ``save(folder)`` into a temporary folder and upload it as a Hub model repo.
+
+    Args:
+        save: writes the model folder (a ``save_pretrained`` method).
+        repo_id: ``user/repo``.
+        private: create the repo private.
+        token: a Hub token (default: the logged-in one).
+        **kwargs: passed to ``HfApi.upload_folder`` (``commit_message``, ``revision``, ...).
+
+    Returns:
+        The commit URL.
+    """
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(Path(tmp))
+        return str(api.upload_folder(repo_id=repo_id, folder_path=tmp, **kwargs))
+
+
+def detector_model_card(detector: Any, folder: Path, facts: dict[str, Any]) -> None:
+    """Write the model card of an :class:`~invert_ad.AnomalyDetector` into ``folder``.
+
+    Args:
+        detector: the detector being saved.
+        folder: its model folder.
+        facts: ``dataset`` (str), ``metrics`` (name -> float), ``training`` (str or dict).
+    """
+    metrics = facts.get("metrics") or {}
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float))
+    table = "| metric | value |\n|---|---|\n" + rows if rows else "none recorded"
+    scorer, size = detector.scorer, detector.image_size
+    extractor = detector.feature_extractor.get_config().get("name")
+    body = f"""
+An `invert_ad` anomaly detector: {extractor} features, a `{type(scorer.denoiser).__name__}` denoiser, scored as
+`{scorer!r}` ({scorer.nfe} network calls per image).
+
+Trained on: {facts.get("dataset", "unspecified")}.
+
+## Use
+
+```python
+from invert_ad import AnomalyDetector
+detector = AnomalyDetector.from_pretrained("path/or/hub-id")
+out = detector.predict(images)  # images (B, 3, {size}, {size}) in [0, 1]; out.pred_score, out.pred_label, ...
+```
+
+or `invert-ad predict --model path/or/hub-id IMAGES...`.
+
+## Metrics measured at training time
+{table}
+
+## Training
+{facts.get("training", "unspecified")}
+"""
+    metadata: dict[str, Any] = {"library_name": "invert_ad", "tags": ["anomaly-detection", "diffusion", "invad"]}
+    if facts.get("dataset"):
+        metadata["datasets"] = [facts["dataset"]]
+    write_model_card(folder, title="invert_ad anomaly detector", body=body, metadata=metadata)

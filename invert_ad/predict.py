@@ -17,12 +17,25 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS, ImageDataset, ImageRecord, collate_samples, list_images
+from .detector import AnomalyDetector
 from .io import atomic_write_text
-from .pipeline import AnomalyDetector
+from .scoring import upsample_maps
 
-__all__ = ["expand_inputs", "predict_paths"]
+__all__ = ["FIELDS", "expand_inputs", "map_names", "predict_paths"]
 
-FIELDS = ("path", "pred_score", "pred_label", "raw_score", "height", "width", "error")
+FIELDS = (
+    "path",
+    "pred_score",
+    "pred_label",
+    "raw_score",
+    "in_domain",
+    "domain_score",
+    "height",
+    "width",
+    "map_path",
+    "mask_path",
+    "error",
+)
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike], problems: list[tuple[Path, str]] | None = None) -> list[Path]:
@@ -46,6 +59,30 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], problems: list[tuple[Path
         else:
             raise FileNotFoundError(f"no such file or folder: {item}")
     return paths
+
+
+def map_names(paths: Sequence[Path]) -> list[Path]:
+    """Relative names for the maps of ``paths`` that keep their folder structure and never collide.
+
+    Each name is the image's path relative to the deepest folder common to all images, without its suffix
+    (``test/crack/000.png`` and ``test/hole/000.png`` give ``crack/000`` and ``hole/000``); a name given twice
+    gets ``-2``, ``-3``, ... appended.
+    """
+    if not paths:
+        return []
+    resolved = [p.resolve() for p in paths]
+    root = Path(os.path.commonpath([p.parent for p in resolved]))
+    names: list[Path] = []
+    seen: set[Path] = set()
+    for path in resolved:
+        base = path.relative_to(root).with_suffix("")
+        name, copy = base, 1
+        while name in seen:
+            copy += 1
+            name = base.with_name(f"{base.name}-{copy}")
+        seen.add(name)
+        names.append(name)
+    return names
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -74,12 +111,14 @@ def predict_paths(
 ) -> dict[str, Any]:
     """Predict every image under ``inputs`` and write one row per image to ``out`` (``.json`` or ``.csv``).
 
-    Rows carry anomalib's field names (``pred_score`` normalised to [0, 1] with the threshold at 0.5,
-    ``pred_label``), the ``raw_score``, the original size and ``error`` for images that could not be read
-    (those are reported and skipped; the rest are scored). Entries of input folders named like images that are
-    not readable files get a row too, after the others, whose ``error`` says why (``"dangling symbolic link"``,
-    ``"symbolic link loop"``, ``"not a regular file"``, ...). With ``maps_dir``, each image's ``anomaly_map``
-    (8-bit PNG of the normalised map at the original size, 128 = threshold) and ``pred_mask`` are saved.
+    Rows carry anomalib's field names: ``pred_score`` (normalised, strictly increasing in the raw score, 0.5 at
+    the threshold), ``pred_label``, the ``raw_score``, ``in_domain`` / ``domain_score`` (``False``: the image looks
+    unlike the training images), the original size, and ``error``: why an image could not be read (empty,
+    truncated, not an image, ...; the others are scored). Entries of input folders named like images that are
+    not readable files get a row too, after the others (``"dangling symbolic link"``, ``"symbolic link loop"``,
+    ``"not a regular file"``, ...). With ``maps_dir``, each image's ``anomaly_map`` (8-bit PNG of the normalised
+    map at the original size, 128 = threshold) and ``pred_mask`` are saved under the image's path relative to the
+    inputs' common folder (see :func:`map_names`), and the rows name them in ``map_path`` / ``mask_path``.
 
     Args:
         model: a model folder, a Hub repo id or a loaded detector.
@@ -97,7 +136,7 @@ def predict_paths(
             batch (or one shortened by unreadable images) is padded instead of compiled again.
 
     Returns:
-        ``{"out": ..., "num_images": N, "num_anomalous": K, "num_failed": F}``.
+        ``{"out": ..., "num_images": N, "num_anomalous": K, "num_failed": F, "num_out_of_domain": D}``.
     """
     out = Path(out)
     if out.suffix.lower() not in (".json", ".csv"):
@@ -109,38 +148,20 @@ def predict_paths(
     paths = expand_inputs(inputs, problems)
     if not paths and not problems:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {list(map(str, inputs))}")
+    names = dict(zip(map(str, paths), map_names(paths), strict=True))
     records = [ImageRecord(path=p, label=0, defect_type="unknown") for p in paths]
     dataset = ImageDataset(records, image_size=detector.image_size, skip_bad=True, description="inputs")
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples)
-    rows: list[dict[str, Any]] = []
-    for path, reason in problems:
-        warnings.warn(f"skipping: {path}: {reason}", stacklevel=2)
-        rows.append({"path": str(path), "error": reason})
-    with tqdm(total=len(paths), desc="predicting", unit="image", disable=not progress) as bar:
+    rows: list[dict[str, Any]] = [{"path": str(path), "error": reason} for path, reason in problems]
+    with (
+        tqdm(total=len(paths), desc="predicting", unit="image", disable=not progress) as bar,
+        warnings.catch_warnings(),
+    ):
+        warnings.filterwarnings("ignore", message="skipping: ")  # the reason goes into the row instead
         for batch in loader:
-            rows.extend({"path": p, "error": "unreadable image"} for p in batch["skipped"])
+            rows.extend({"path": p, "error": e} for p, e in zip(batch["skipped"], batch["errors"], strict=True))
             if len(batch["path"]):
-                sizes = [tuple(int(v) for v in s) for s in batch["original_size"]]
-                for path, size, pred in zip(
-                    batch["path"], sizes, detector.predict(batch["image"], sizes, threshold), strict=True
-                ):
-                    rows.append(
-                        {
-                            "path": path,
-                            "pred_score": pred.pred_score,
-                            "pred_label": pred.pred_label,
-                            "raw_score": pred.raw_score,
-                            "height": size[0],
-                            "width": size[1],
-                            "error": None,
-                        }
-                    )
-                    if maps_dir is not None:
-                        stem = Path(maps_dir) / Path(path).stem
-                        _save_png(
-                            (pred.anomaly_map.numpy() * 255).round().astype(np.uint8), stem.with_suffix(".map.png")
-                        )
-                        _save_png(pred.pred_mask.numpy().astype(np.uint8) * 255, stem.with_suffix(".mask.png"))
+                rows.extend(_predict_batch(detector, batch, threshold, maps_dir, names))
             bar.update(len(batch["path"]) + len(batch["skipped"]))
     order = {str(p): i for i, p in enumerate(paths)}
     rows.sort(key=lambda r: order.get(r["path"], len(order)))
@@ -152,10 +173,53 @@ def predict_paths(
         writer.writeheader()
         writer.writerows({k: r.get(k) for k in FIELDS} for r in rows)
         atomic_write_text(out, buffer.getvalue())
-    failed = sum(r["error"] is not None for r in rows)
+    failed = sum(r.get("error") is not None for r in rows)
+    outside = sum(r.get("in_domain") is False for r in rows)
+    if outside:
+        warnings.warn(
+            f"{outside} of {len(rows) - failed} images look unlike the images this model was trained on "
+            "(in_domain = False): is this the model for these parts?",
+            UserWarning,
+            stacklevel=2,
+        )
     return {
         "out": str(out),
         "num_images": len(rows),
         "num_anomalous": sum(bool(r.get("pred_label")) for r in rows),
         "num_failed": failed,
+        "num_out_of_domain": outside,
     }
+
+
+def _predict_batch(
+    detector: AnomalyDetector,
+    batch: dict[str, Any],
+    threshold: float | None,
+    maps_dir: str | os.PathLike | None,
+    names: dict[str, Path],
+) -> list[dict[str, Any]]:
+    """Rows (and saved maps) for the readable images of one collated batch."""
+    sizes = [tuple(int(v) for v in s) for s in batch["original_size"]]
+    out = detector.predict(batch["image"], threshold=0.5 if threshold is None else threshold, warn=False)
+    rows = []
+    for i, (path, size) in enumerate(zip(batch["path"], sizes, strict=True)):
+        row = {
+            "path": path,
+            "pred_score": float(out.pred_score[i]),
+            "pred_label": bool(out.pred_label[i]),
+            "raw_score": float(out.raw_score[i]),
+            "in_domain": bool(out.in_domain[i]),
+            "domain_score": float(out.domain_score[i]),
+            "height": size[0],
+            "width": size[1],
+            "error": None,
+        }
+        if maps_dir is not None:
+            stem = Path(maps_dir) / names[path]
+            anomaly_map = upsample_maps(out.anomaly_map[i : i + 1], size)[0]
+            mask = upsample_maps(out.pred_mask[i : i + 1].float(), size)[0] > 0.5
+            row["map_path"], row["mask_path"] = str(stem) + ".map.png", str(stem) + ".mask.png"
+            _save_png((anomaly_map.clamp(0, 1).numpy() * 255).round().astype(np.uint8), Path(row["map_path"]))
+            _save_png(mask.numpy().astype(np.uint8) * 255, Path(row["mask_path"]))
+        rows.append(row)
+    return rows

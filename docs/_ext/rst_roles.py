@@ -1,6 +1,6 @@
 """A griffe extension for the API pages: Sphinx roles in docstrings become Markdown.
 
-The library's docstrings cross-reference with reST roles (``:class:`~invert_ad.pipeline.AnomalyDetector```).
+The library's docstrings cross-reference with reST roles (``:class:`~invert_ad.detector.AnomalyDetector```).
 Fully qualified targets become optional autorefs links (a link where the target is on a page, plain code where
 it is not, e.g. a private helper); relative ones, which only Sphinx could resolve, become code spans.
 """

@@ -1,6 +1,5 @@
 """Adapters: anything that predicts noise, turned into ``eps(x_t, t)``.
 
-- :func:`make_eps_fn` / :func:`prediction_to_eps`: a diffusers model or a callable as an eps function;
 - :class:`DiffusionAdapter`: the contract for retrofitting other diffusion anomaly detectors
   (``encode``, ``eps``, ``alphas_cumprod``, ``prediction_type``, ``scheduler``, ``condition``,
   ``to_pixel_map``), with :class:`DDADAdapter`, :class:`DiffusionADAdapter` (pixel space),
@@ -13,7 +12,6 @@
 from ._registry import create_adapter, list_adapters, register_adapter
 from .base import DDPM_LINEAR, SD_SCALED_LINEAR, AdapterConfig, DiffusionAdapter, NoiseSchedule, check_images
 from .diad import DiADAdapter
-from .diffusers import denoiser_in_channels, make_eps_fn, prediction_to_eps
 from .invad import OFFICIAL_UNUSED_PREFIXES, convert_official_invad_state_dict, load_official_invad
 from .keys import (
     StateDictMismatchError,
@@ -45,15 +43,12 @@ __all__ = [
     "check_images",
     "convert_official_invad_state_dict",
     "create_adapter",
-    "denoiser_in_channels",
     "extract_state_dict",
     "find_prefix",
     "list_adapters",
     "load_checkpoint",
     "load_official_invad",
     "load_weights",
-    "make_eps_fn",
-    "prediction_to_eps",
     "register_adapter",
     "strip_wrapper_prefixes",
 ]

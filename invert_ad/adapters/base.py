@@ -8,7 +8,7 @@ understands. Calling an adapter returns eps, so it is itself a valid denoiser::
     scorer = InversionScorer(adapter, adapter.scheduler, timesteps="paper", scoring="nll")
     with adapter.condition(images) as x0:           # images (B, 3, H, W) in [0, 1]
         out = scorer.score(x0)
-    pixel_maps = adapter.to_pixel_map(out.anomaly_maps, images.shape[-2:])
+    pixel_maps = adapter.to_pixel_map(out.raw_map, images.shape[-2:])
 
 ``condition`` is the uniform entry point: for unconditional models it only encodes, for image-conditioned
 models (:class:`~invert_ad.adapters.DiADAdapter`) it also binds the batch's conditioning for the duration
@@ -25,14 +25,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..denoiser import make_eps_fn
 from ..schedule import PREDICTION_TYPES
-from .diffusers import make_eps_fn
+from ..scoring import ScoreOutput, upsample_maps
 
 if TYPE_CHECKING:
-    from ..scorer import InversionScorer, ScoreOutput
+    from ..scorer import InversionScorer
 
 __all__ = ["DDPM_LINEAR", "SD_SCALED_LINEAR", "AdapterConfig", "DiffusionAdapter", "NoiseSchedule", "check_images"]
 
@@ -236,8 +236,7 @@ class DiffusionAdapter(nn.Module, ABC):
         for chunk in self._chunks(normal_images, batch_size):
             with self.condition(chunk) as x0:
                 latents.append(scorer.latents(x0))
-        scorer.scorer.fit(torch.cat(latents))
-        return scorer
+        return scorer.fit_latents(torch.cat(latents))
 
     def score_images(self, scorer: InversionScorer, images: torch.Tensor, batch_size: int | None = None) -> ScoreOutput:
         """Score images with ``scorer``, each chunk encoded and scored under its own :meth:`condition` block.
@@ -251,20 +250,14 @@ class DiffusionAdapter(nn.Module, ABC):
             batch_size: images per conditioned chunk (``None``: one chunk).
 
         Returns:
-            The concatenated :class:`~invert_ad.ScoreOutput`: ``image_scores (B,)`` and ``anomaly_maps (B, h, w)``
-            on the model's grid (higher is more anomalous; see :meth:`to_pixel_map`), ``latents (B, C, h, w)``.
+            The concatenated :class:`~invert_ad.ScoreOutput`: ``raw_score (B,)`` and ``raw_map (B, h, w)`` on the
+            model's grid (higher is more anomalous; see :meth:`to_pixel_map`), ``latent (B, C, h, w)``.
         """
         outputs = []
         for chunk in self._chunks(images, batch_size):
             with self.condition(chunk) as x0:
                 outputs.append(scorer.score(x0))
-        first = outputs[0]
-        return type(first)(
-            torch.cat([o.image_scores for o in outputs]),
-            torch.cat([o.anomaly_maps for o in outputs]),
-            torch.cat([o.latents for o in outputs]),
-            {name: torch.cat([o.components[name] for o in outputs]) for name in first.components},
-        )
+        return ScoreOutput.cat(outputs)
 
     def _timesteps(self, t: Any, batch_size: int, device: torch.device) -> torch.Tensor:
         """Broadcast a scalar or ``(B,)`` integer timestep to ``(B,)`` long on ``device``, checked against T."""
@@ -308,18 +301,15 @@ class DiffusionAdapter(nn.Module, ABC):
         """Bring maps on the model's grid back to image resolution by bilinear upsampling.
 
         Args:
-            maps: ``(B, h, w)`` anomaly maps on the latent grid (e.g. ``ScoreOutput.anomaly_maps``).
+            maps: ``(B, h, w)`` anomaly maps on the latent grid (e.g. ``ScoreOutput.raw_map``).
             image_size: ``H`` (square) or ``(H, W)``.
 
         Returns:
             ``(B, H, W)`` in the dtype of ``maps`` (``align_corners=False``, no smoothing; identity when the
             sizes already match).
         """
-        if maps.dim() != 3:
-            raise ValueError(f"maps must have shape (B, h, w), got {tuple(maps.shape)}")
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
-        up = F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)
-        return up[:, 0].to(maps.dtype)
+        return upsample_maps(maps, size).to(maps.dtype)
 
     def extra_repr(self) -> str:
         return (

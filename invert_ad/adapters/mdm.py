@@ -20,9 +20,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from ..denoiser import denoiser_in_channels
 from ._registry import register_adapter
 from .base import DDPM_LINEAR, DiffusionAdapter, NoiseSchedule, check_images
-from .diffusers import denoiser_in_channels
 
 __all__ = ["MDMAdapter", "MaskedDenoiser"]
 

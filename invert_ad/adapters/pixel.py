@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..denoiser import denoiser_in_channels
 from ._registry import register_adapter
 from .base import DDPM_LINEAR, DiffusionAdapter, NoiseSchedule, check_images
-from .diffusers import denoiser_in_channels
 from .keys import load_weights
 
 __all__ = ["DDADAdapter", "DiffusionADAdapter", "PixelAdapter"]

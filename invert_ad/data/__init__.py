@@ -10,9 +10,10 @@ Example:
 """
 
 from .base import GOOD, DatasetProblem, ImageDataset, ImageRecord, Sample, collate_samples
-from .cache import FeatureCache, cached_features, extractor_key, file_digest
+from .cache import FeatureCache, cached_features, default_cache_dir, extractor_key, file_digest
 from .folder import FolderDataset
-from .io import IMAGE_EXTENSIONS, ImageReadError, list_images, load_image, load_mask
+from .images import IMAGE_EXTENSIONS, ImageReadError, list_images, load_image, load_mask
+from .layout import open_dataset
 from .mvtec import MVTecDataset
 from .visa import VisADataset
 
@@ -30,9 +31,11 @@ __all__ = [
     "VisADataset",
     "cached_features",
     "collate_samples",
+    "default_cache_dir",
     "extractor_key",
     "file_digest",
     "list_images",
     "load_image",
     "load_mask",
+    "open_dataset",
 ]

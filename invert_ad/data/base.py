@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from .io import ImageReadError, list_images, load_image, load_mask
+from .images import ImageReadError, list_images, load_image, load_mask
 
 __all__ = [
     "GOOD",
@@ -80,7 +80,7 @@ class DatasetProblem:
 
 
 def usable_images(folder: Path, problems: list[DatasetProblem]) -> list[Path]:
-    """The images of ``folder`` (:func:`~invert_ad.data.io.list_images`) fit to index; the rest go to ``problems``.
+    """The images of ``folder`` (:func:`~invert_ad.data.images.list_images`) fit to index; the rest go to ``problems``.
 
     Empty files are reported as ``empty_file``; entries named like images that are not readable files (dangling
     or looping symbolic links, FIFOs, ...) as ``unreadable_entry``. A cheap check at indexing: undecodable
@@ -235,13 +235,15 @@ def collate_samples(samples: list[Sample | dict[str, Any]]) -> dict[str, Any]:
     Returns:
         The batched fields of :class:`Sample` (``image`` ``(B, 3, S, S)``, ``label`` ``(B,)``, ``mask``
         ``(B, 1, S, S)``, ``original_size`` ``(B, 2)``, ``index`` ``(B,)``, ``path`` and ``defect_type`` lists)
-        for the B readable samples (B may be 0), plus ``skipped``: the paths of the dropped ones.
+        for the B readable samples (B may be 0), plus ``skipped``: the paths of the dropped ones, and ``errors``:
+        why each could not be read (same order).
     """
     good = [s for s in samples if "error" not in s]
     skipped = [s["path"] for s in samples if "error" in s]
+    errors = [s["error"] for s in samples if "error" in s]
     if good:
         batch = default_collate(good)
     else:  # every sample unreadable: empty fields shaped like the placeholders
         batch = {k: v[:0] for k, v in default_collate(samples[:1]).items() if k != "error"}
-    batch["skipped"] = skipped
+    batch["skipped"], batch["errors"] = skipped, errors
     return batch

@@ -23,12 +23,17 @@ from tqdm.auto import tqdm
 from ..features.extractor import FeatureExtractor
 from .base import ImageDataset, collate_samples
 
-__all__ = ["FeatureCache", "cached_features", "extractor_key", "file_digest"]
+__all__ = ["FeatureCache", "cached_features", "default_cache_dir", "extractor_key", "file_digest"]
 
 _FORMAT_VERSION = 1
 _TENSOR_NAME = "features"
 _KEY_LENGTH = 24
 _CHUNK = 1 << 20
+
+
+def default_cache_dir() -> Path:
+    """``$INVERT_AD_CACHE/features`` or ``~/.cache/invert_ad/features``: where features are cached between runs."""
+    return Path(os.environ.get("INVERT_AD_CACHE", Path.home() / ".cache" / "invert_ad")) / "features"
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from .base import GOOD, DatasetProblem, ImageDataset, ImageRecord, masks_by_stem, pair_masks, usable_images
-from .io import IMAGE_EXTENSIONS, list_images
+from .images import IMAGE_EXTENSIONS, list_images
 
 __all__ = ["MVTecDataset"]
 

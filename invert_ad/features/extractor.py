@@ -179,7 +179,7 @@ class TimmFeatureExtractor(nn.Module):
         """Raise ``ValueError`` unless ``images`` is ``(B, 3, S, S)`` with ``S = image_size`` and values in [0, 1].
 
         Inside ``torch.export`` and ``torch.compile`` graphs only the shape is checked (a value check would
-        branch on data); :class:`~invert_ad.pipeline.AnomalyDetector` calls this before its compiled backbone.
+        branch on data); :class:`~invert_ad.detector.AnomalyDetector` calls this before its compiled backbone.
         """
         expected = (3, self.image_size, self.image_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:

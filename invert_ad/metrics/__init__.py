@@ -5,10 +5,10 @@ Exact (sort-based) by default; :class:`PixelMetricAccumulator` streams pixel met
 tensors; higher scores mean more anomalous.
 """
 
-from .evaluate import METRIC_KEYS, evaluate_metrics
 from .functional import aupro, auroc, average_precision, f1_max
 from .pixel import PIXEL_MODES, PixelMetricAccumulator, PixelMetrics
 from .resize import resize_maps, resize_masks
+from .suite import METRIC_KEYS, evaluate_metrics
 
 __all__ = [
     "METRIC_KEYS",

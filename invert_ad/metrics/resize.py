@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..scoring.functional import upsample_maps
 from ._validation import ArrayLike
 
 __all__ = ["resize_maps", "resize_masks"]
@@ -50,8 +51,7 @@ def resize_maps(maps: ArrayLike, size: int | tuple[int, int]) -> ArrayLike:
     """
     tensor = _as_batch(maps, "maps")
     out_dtype = tensor.dtype if tensor.is_floating_point() else torch.float32
-    work = tensor.to(torch.promote_types(out_dtype, torch.float32))
-    resized = F.interpolate(work[:, None], size=_as_size(size), mode="bilinear", align_corners=False)[:, 0]
+    resized = upsample_maps(tensor.to(torch.promote_types(out_dtype, torch.float32)), _as_size(size))
     return _like_input(resized.to(out_dtype), maps)
 
 

@@ -189,6 +189,16 @@ class GaussianDenoiser(ModelMixin, ConfigMixin):
             model.eigenvectors.copy_(torch.cat(vectors))
         return model
 
+    def refit(self, features: torch.Tensor) -> GaussianDenoiser:
+        """A new denoiser of this one's kind (covariance, schedule) fitted on other features ``(N, C, h, w)``.
+
+        :meth:`AnomalyDetector.fit <invert_ad.AnomalyDetector.fit>` uses it for out-of-fold scores.
+        """
+        config = self.config
+        schedule = {k: config[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
+        shrinkage = "ledoit_wolf" if config["covariance"] == "full" else "diagonal"
+        return type(self).fit(features, shrinkage=shrinkage, **schedule).to(self.mean.device)
+
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor | int, return_dict: bool = True
     ) -> DenoiserOutput | tuple[torch.Tensor]:

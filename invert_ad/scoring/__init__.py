@@ -10,8 +10,8 @@ Presets registered by name (``list_scorers()``):
 from functools import partial
 
 from ._registry import create_scorer, list_scorers, register_scorer, scorer_class
-from .base import LATENT_KINDS, NotFittedError, Scorer, ScoreResult
-from .functional import gaussian_nll, max_min, norm_map
+from .base import LATENT_KINDS, NotFittedError, ScoreOutput, Scorer
+from .functional import gaussian_nll, max_min, norm_map, upsample_maps
 from .statistics import HybridScorer, MaxMinScorer, MaxNormScorer, NLLScorer, hybrid_from_components
 
 register_scorer("nll", NLLScorer)
@@ -28,7 +28,7 @@ __all__ = [
     "MaxNormScorer",
     "NLLScorer",
     "NotFittedError",
-    "ScoreResult",
+    "ScoreOutput",
     "Scorer",
     "create_scorer",
     "gaussian_nll",
@@ -38,4 +38,5 @@ __all__ = [
     "norm_map",
     "register_scorer",
     "scorer_class",
+    "upsample_maps",
 ]

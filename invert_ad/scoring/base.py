@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-__all__ = ["LATENT_KINDS", "NotFittedError", "ScoreResult", "Scorer"]
+__all__ = ["LATENT_KINDS", "NotFittedError", "ScoreOutput", "Scorer"]
 
 LatentKind = Literal["inversion", "irf", "reconstruction"]
 LATENT_KINDS: tuple[str, ...] = ("inversion", "irf", "reconstruction")
@@ -19,19 +19,36 @@ class NotFittedError(ValueError, AttributeError):
 
 
 @dataclass(frozen=True)
-class ScoreResult:
-    """What a scorer returns for a batch.
+class ScoreOutput:
+    """Raw scores of a batch: what a :class:`Scorer`, :meth:`InversionScorer.score <invert_ad.InversionScorer.score>`
+    and :meth:`AnomalyDetector.score <invert_ad.AnomalyDetector.score>` return. Higher is more anomalous.
 
     Attributes:
-        image_scores: ``(B,)`` float, higher is more anomalous.
-        anomaly_maps: ``(B, h, w)`` float on the latent grid, higher is more anomalous.
-        components: raw per-image statistics by name, each ``(B,)`` (for transductive normalisation and
-            for reports).
+        raw_score: ``(B,)`` float32 image scores in the statistic's own units.
+        raw_map: ``(B, h, w)`` float32 anomaly maps in the same units: on the latent grid from a scorer, at the
+            image size ``S x S`` from a detector.
+        components: raw per-image statistics by name, each ``(B,)`` (for transductive normalisation and reports).
+        latent: ``(B, C, h, w)``, the latent the statistic read (final inverted latent, IRF field or
+            reconstruction residual ``x0 - x0hat``); ``None`` from a bare scorer.
     """
 
-    image_scores: torch.Tensor
-    anomaly_maps: torch.Tensor
+    raw_score: torch.Tensor
+    raw_map: torch.Tensor
     components: dict[str, torch.Tensor] = field(default_factory=dict)
+    latent: torch.Tensor | None = None
+
+    @classmethod
+    def cat(cls, outputs: list[ScoreOutput]) -> ScoreOutput:
+        """Concatenate batches along the batch axis (latents kept only when every batch has one)."""
+        if not outputs:
+            raise ValueError("nothing to concatenate: no outputs")
+        latents = [o.latent for o in outputs]
+        return cls(
+            torch.cat([o.raw_score for o in outputs]),
+            torch.cat([o.raw_map for o in outputs]),
+            {k: torch.cat([o.components[k] for o in outputs]) for k in outputs[0].components},
+            None if any(z is None for z in latents) else torch.cat(latents),
+        )
 
 
 class Scorer(ABC):
@@ -53,8 +70,8 @@ class Scorer(ABC):
         self.latent = latent
 
     @abstractmethod
-    def score(self, latents: torch.Tensor) -> ScoreResult:
-        """Score latents of shape ``(B, C, h, w)``."""
+    def score(self, latents: torch.Tensor) -> ScoreOutput:
+        """Score latents ``(B, C, h, w)``: raw scores ``(B,)`` and maps ``(B, h, w)``, higher is more anomalous."""
 
     def fit(self, latents: torch.Tensor) -> Scorer:
         """Calibrate on latents of normal samples, ``(N, C, h, w)``; return ``self``."""

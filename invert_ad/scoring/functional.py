@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["gaussian_nll", "max_min", "norm_map", "standardize"]
+__all__ = ["gaussian_nll", "max_min", "norm_map", "standardize", "upsample_maps"]
 
 
 def gaussian_nll(z: torch.Tensor) -> torch.Tensor:
@@ -42,3 +43,14 @@ def standardize(values: torch.Tensor, location: torch.Tensor, scale: torch.Tenso
     """``(values - location) / scale``, with a zero scale treated as one."""
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return (values - location) / scale
+
+
+def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of maps ``(B, h, w) -> (B, H, W)`` with ``align_corners=False`` (the official code's choice).
+
+    Computed in at least float32; the result has that dtype.
+    """
+    if maps.dim() != 3:
+        raise ValueError(f"expected maps of shape (B, h, w), got {tuple(maps.shape)}")
+    work = maps.to(torch.promote_types(maps.dtype, torch.float32))
+    return F.interpolate(work.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)

@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from .base import LatentKind, Scorer, ScoreResult
+from .base import LatentKind, ScoreOutput, Scorer
 from .functional import gaussian_nll, max_min, norm_map, standardize
 
 __all__ = ["HybridScorer", "MaxMinScorer", "MaxNormScorer", "NLLScorer", "hybrid_from_components"]
@@ -17,10 +17,10 @@ class NLLScorer(Scorer):
 
     name: ClassVar[str] = "nll"
 
-    def score(self, latents: torch.Tensor) -> ScoreResult:
+    def score(self, latents: torch.Tensor) -> ScoreOutput:
         maps = norm_map(latents)
         nll = gaussian_nll(latents)
-        return ScoreResult(nll.float(), maps, {"nll": nll})
+        return ScoreOutput(nll.float(), maps, {"nll": nll})
 
 
 class MaxMinScorer(Scorer):
@@ -28,10 +28,10 @@ class MaxMinScorer(Scorer):
 
     name: ClassVar[str] = "maxmin"
 
-    def score(self, latents: torch.Tensor) -> ScoreResult:
+    def score(self, latents: torch.Tensor) -> ScoreOutput:
         maps = norm_map(latents)
         spread = max_min(maps)
-        return ScoreResult(spread, maps, {"maxmin": spread})
+        return ScoreOutput(spread, maps, {"maxmin": spread})
 
 
 class MaxNormScorer(Scorer):
@@ -39,10 +39,10 @@ class MaxNormScorer(Scorer):
 
     name: ClassVar[str] = "max"
 
-    def score(self, latents: torch.Tensor) -> ScoreResult:
+    def score(self, latents: torch.Tensor) -> ScoreOutput:
         maps = norm_map(latents)
         peak = maps.flatten(1).amax(dim=1)
-        return ScoreResult(peak, maps, {"max": peak})
+        return ScoreOutput(peak, maps, {"max": peak})
 
 
 Normalization = Literal["standardize", "minmax", "test-minmax"]
@@ -107,7 +107,7 @@ class HybridScorer(Scorer):
             self.scale_ = terms.amax(dim=0) - self.location_
         return self
 
-    def score(self, latents: torch.Tensor) -> ScoreResult:
+    def score(self, latents: torch.Tensor) -> ScoreOutput:
         nll, spread, maps = self._terms(latents)
         if self.normalization == "test-minmax":
             scores = hybrid_from_components(nll, spread)
@@ -115,7 +115,7 @@ class HybridScorer(Scorer):
             self.check_is_fitted()
             terms = torch.stack([nll, spread], dim=1)
             scores = standardize(terms, self.location_.to(terms.device), self.scale_.to(terms.device)).sum(dim=1)
-        return ScoreResult(scores.float(), maps, {"nll": nll, "maxmin": spread})
+        return ScoreOutput(scores.float(), maps, {"nll": nll, "maxmin": spread})
 
     def get_config(self) -> dict[str, Any]:
         return {"latent": self.latent, "normalization": self.normalization}

@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..adapters.diffusers import make_eps_fn
+from ..denoiser import make_eps_fn
 from ..io import atomic_torch_save, load_torch_checkpoint
 from .config import TrainingConfig
-from .schedule import ema_decay_at, learning_rate_at
+from .lr_schedule import ema_decay_at, learning_rate_at
 
 __all__ = ["CHECKPOINT_NAME", "TrainResult", "init_distributed_from_env", "rank_and_world", "train_denoiser"]
 

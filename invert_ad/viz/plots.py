@@ -32,22 +32,20 @@ def save_heatmaps(detector: Any, samples: Sequence[dict[str, Any]], folder: str 
     """One PNG per sample: image, calibrated anomaly map, overlay, and the ground truth when there is one.
 
     Args:
-        detector: a calibrated :class:`~invert_ad.pipeline.AnomalyDetector`.
-        samples: dataset samples (``image`` ``(3, S, S)``, ``label``, ``mask`` ``(1, S, S)``, ``path``).
+        detector: a fitted :class:`~invert_ad.detector.AnomalyDetector` (the colour scale is its calibration).
+        samples: dataset samples (``image`` ``(3, S, S)``, ``label``, ``mask`` ``(1, S, S)``, ``path``,
+            ``defect_type``, which names the file: ``003_crack_000.png``).
         folder: output folder.
 
     Returns:
         The written files.
     """
-    if detector.calibration is None:
-        raise RuntimeError("heatmaps use the calibrated colour scale: calibrate the detector first")
     plt = _pyplot()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     images = torch.stack([s["image"] for s in samples])
-    out = detector.score(images)
-    normalized = detector.calibration.normalize_maps(out.anomaly_maps).numpy()
-    scores = detector.calibration.normalize_image_scores(out.image_scores).numpy()
+    out = detector.predict(images, warn=False)  # NotFittedError without a calibration: the colour scale needs it
+    normalized, masks, scores = out.anomaly_map.numpy(), out.pred_mask.numpy(), out.pred_score.numpy()
     written = []
     for i, sample in enumerate(samples):
         has_mask = int(sample["label"]) == 1 and float(sample["mask"].sum()) > 0
@@ -61,18 +59,21 @@ def save_heatmaps(detector: Any, samples: Sequence[dict[str, Any]], folder: str 
         fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.04)
         axes[2].imshow(image)
         axes[2].imshow(normalized[i], cmap="jet", vmin=0.0, vmax=1.0, alpha=0.45)
-        axes[2].contour(normalized[i] > 0.5, levels=[0.5], colors="white", linewidths=0.8)
-        axes[2].set_title("overlay, mask at threshold")
+        if masks[i].any():
+            axes[2].contour(masks[i], levels=[0.5], colors="white", linewidths=0.8)
+        axes[2].set_title("overlay, predicted mask")
         if has_mask:
             axes[3].imshow(sample["mask"][0].numpy(), cmap="gray", vmin=0, vmax=1)
             axes[3].set_title("ground truth")
         for ax in axes:
             ax.axis("off")
-        verdict = "ANOMALOUS" if scores[i] > 0.5 else "normal"
-        truth = "defect" if int(sample["label"]) == 1 else "good"
-        fig.suptitle(f"{Path(sample['path']).name}  ({truth})  score {scores[i]:.2f} -> {verdict}", fontsize=10)
+        verdict = "ANOMALOUS" if out.pred_label[i] else "normal"
+        kind = str(sample.get("defect_type") or ("defect" if int(sample["label"]) == 1 else "good"))
+        domain = "" if out.in_domain[i] else "  [unlike the training images]"
+        title = f"{Path(sample['path']).name}  ({kind})  pred_score {scores[i]:.2f} -> {verdict}{domain}"
+        fig.suptitle(title, fontsize=10)
         fig.tight_layout()
-        path = folder / f"{i:03d}_{truth}_{Path(sample['path']).stem}.png"
+        path = folder / f"{i:03d}_{kind}_{Path(sample['path']).stem}.png"
         fig.savefig(path, dpi=80)
         plt.close(fig)
         written.append(path)

@@ -17,10 +17,10 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from invert_ad.cli import main
 from invert_ad.data import MVTecDataset
 from invert_ad.evaluation import evaluate_detector
-from invert_ad.pipeline import AnomalyDetector
+from invert_ad.detector import AnomalyDetector
 from invert_ad.predict import predict_paths
 from invert_ad.training import TrainingConfig
-from invert_ad.training.recipe import train_detector
+from invert_ad.training.train import train_detector
 
 pytestmark = pytest.mark.integration
 
@@ -71,8 +71,8 @@ def test_training_saves_a_loadable_calibrated_model(trained):
     loaded = AnomalyDetector.from_pretrained(summary.out_dir)
     images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     original, again = summary.detector.score(images), loaded.score(images)
-    assert torch.equal(original.image_scores, again.image_scores)
-    assert torch.equal(original.anomaly_maps, again.anomaly_maps)
+    assert torch.equal(original.raw_score, again.raw_score)
+    assert torch.equal(original.raw_map, again.raw_map)
     assert loaded.calibration == summary.detector.calibration
     card = (summary.out_dir / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: invert_ad") and "from_pretrained" in card
@@ -98,7 +98,7 @@ def test_evaluation_matches_sklearn(trained, tiny_category, tmp_path):
     assert report["image_ap"] == pytest.approx(average_precision_score(labels, scores))
     test = MVTecDataset(tiny_category, split="test")
     samples = [test[i] for i in range(len(test))]
-    maps = summary.detector.score(torch.stack([s["image"] for s in samples])).anomaly_maps.numpy()
+    maps = summary.detector.score(torch.stack([s["image"] for s in samples])).raw_map.numpy()
     masks = np.stack([s["mask"][0].numpy() for s in samples]) > 0
     assert report["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-6)
     assert report["nfe"] == 3 and report["latency_ms_batch1"] > 0 and report["throughput_images_per_s"] > 0

@@ -13,7 +13,7 @@ import pytest
 import torch
 from robust_helpers import build_small_detector
 
-from invert_ad.pipeline import AnomalyDetector
+from invert_ad.detector import AnomalyDetector
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -24,7 +24,7 @@ from PIL import Image
 from invert_ad.data import list_images, load_image
 from invert_ad.features import create_feature_extractor
 from invert_ad.models import create_denoiser
-from invert_ad.pipeline import AnomalyDetector, channel_statistics
+from invert_ad.detector import AnomalyDetector, channel_statistics
 from invert_ad.scorer import InversionScorer
 
 IMAGE_SIZE = 32  # lite0 at 32 px gives a 2 x 2 grid of 192 channels: the real backbone, seconds on a CPU
@@ -53,7 +53,7 @@ def normal_images(count: int, size: int = IMAGE_SIZE) -> torch.Tensor:
 def build_small_detector(num_train: int = 8, num_holdout: int = 4, image_size: int = IMAGE_SIZE) -> AnomalyDetector:
     """The real lite0 backbone + a Gaussian denoiser fitted on real features + hybrid scorer + calibration.
 
-    Assembled like :func:`invert_ad.training.recipe.train_detector` (standardised features, holdout
+    Assembled like :func:`invert_ad.training.train.train_detector` (standardised features, holdout
     calibration), only smaller.
     """
     extractor = create_feature_extractor("efficientnet_lite0", image_size=image_size, grid=GRID)
@@ -68,10 +68,8 @@ def build_small_detector(num_train: int = 8, num_holdout: int = 4, image_size: i
         num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False
     )
     scorer = InversionScorer(denoiser.eval().requires_grad_(False), scheduler, timesteps="paper", scoring="hybrid")
-    scorer.fit(holdout)
     detector = AnomalyDetector(extractor, scorer, feature_mean=mean, feature_std=std)
-    detector.fit_calibration(normal_features=holdout)
-    return detector
+    return detector.fit(normal_features=holdout, folds=None)
 
 
 # ---------------------------------------------------------------------------------------------- image files

@@ -16,7 +16,7 @@ from robust_helpers import IMAGE_SIZE, texture
 
 import invert_ad.io
 from invert_ad.data import FeatureCache, FolderDataset, cached_features, extractor_key
-from invert_ad.pipeline import AnomalyDetector
+from invert_ad.detector import AnomalyDetector
 from invert_ad.predict import predict_paths
 
 
@@ -36,13 +36,14 @@ def images() -> torch.Tensor:
 def other_detector(small_detector) -> AnomalyDetector:
     """The same detector with other thresholds: a "v2" whose save must not clobber "v1" half-way."""
     calibration = dataclasses.replace(small_detector.calibration, image_threshold=123.0)
-    return AnomalyDetector(
+    detector = AnomalyDetector(
         small_detector.feature_extractor,
         small_detector.scorer,
         feature_mean=small_detector.feature_mean,
         feature_std=small_detector.feature_std,
-        calibration=calibration,
     )
+    detector.calibration_ = calibration
+    return detector
 
 
 def _raise(*args, **kwargs):
@@ -65,9 +66,9 @@ CRASH_POINTS = {
     "denoiser weights": lambda mp, det: mp.setattr(type(det.scorer.denoiser), "save_pretrained", _raise),
     "scheduler": lambda mp, det: mp.setattr(type(det.scorer.scheduler), "save_pretrained", _raise),
     "scorer state": lambda mp, det: mp.setattr("invert_ad.scorer.atomic_save_tensors", _raise),
-    "detector state": lambda mp, det: mp.setattr("invert_ad.pipeline.atomic_save_tensors", _raise),
-    "detector config": lambda mp, det: mp.setattr("invert_ad.pipeline.atomic_write_json", _raise),
-    "model card": lambda mp, det: mp.setattr("invert_ad.pipeline.write_model_card", _raise),
+    "detector state": lambda mp, det: mp.setattr("invert_ad.detector.atomic_save_tensors", _raise),
+    "detector config": lambda mp, det: mp.setattr("invert_ad.detector.atomic_write_json", _raise),
+    "model card": lambda mp, det: mp.setattr("invert_ad.detector.write_model_card", _raise),
     "final rename": lambda mp, det: _fail_final_swap(mp),
 }
 
@@ -86,7 +87,7 @@ def test_crash_during_save_keeps_the_previous_model(tmp_path, monkeypatch, small
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "temporary folders were left behind"
     loaded = AnomalyDetector.from_pretrained(target)
     assert loaded.calibration == small_detector.calibration
-    assert torch.equal(loaded.score(images()).image_scores, small_detector.score(images()).image_scores)
+    assert torch.equal(loaded.score(images()).raw_score, small_detector.score(images()).raw_score)
 
 
 def test_interrupt_during_save_keeps_the_previous_model(tmp_path, monkeypatch, small_detector, other_detector):
@@ -97,7 +98,7 @@ def test_interrupt_during_save_keeps_the_previous_model(tmp_path, monkeypatch, s
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("invert_ad.pipeline.write_model_card", interrupt)
+    monkeypatch.setattr("invert_ad.detector.write_model_card", interrupt)
     with pytest.raises(KeyboardInterrupt):
         other_detector.save_pretrained(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

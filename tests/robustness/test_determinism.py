@@ -16,7 +16,7 @@ import torch
 from robust_helpers import IMAGE_SIZE, texture
 from safetensors.torch import load_file, save_file
 
-from invert_ad.pipeline import AnomalyDetector
+from invert_ad.detector import AnomalyDetector
 from invert_ad.predict import predict_paths
 from invert_ad.schedule import linear_alphas_cumprod
 from invert_ad.training import TrainingConfig, train_denoiser
@@ -27,9 +27,9 @@ def batch(seed: int = 3, size: int = 6) -> torch.Tensor:
 
 
 def assert_identical(a, b) -> None:
-    assert torch.equal(a.image_scores, b.image_scores), (a.image_scores - b.image_scores).abs().max()
-    assert torch.equal(a.anomaly_maps, b.anomaly_maps)
-    assert torch.equal(a.scores.latents, b.scores.latents)
+    assert torch.equal(a.raw_score, b.raw_score), (a.raw_score - b.raw_score).abs().max()
+    assert torch.equal(a.raw_map, b.raw_map)
+    assert torch.equal(a.latent, b.latent)
 
 
 def test_repeated_scoring_is_bit_identical(small_detector):
@@ -43,9 +43,8 @@ def test_save_and_load_is_bit_identical(saved_model, small_detector):
     images = batch()
     loaded = AnomalyDetector.from_pretrained(saved_model)
     assert_identical(loaded.score(images), small_detector.score(images))
-    predictions = zip(loaded.predict(images), small_detector.predict(images), strict=True)
-    for new, old in predictions:
-        assert new.raw_score == old.raw_score and torch.equal(new.anomaly_map, old.anomaly_map)
+    new, old = loaded.predict(images), small_detector.predict(images)
+    assert torch.equal(new.pred_score, old.pred_score) and torch.equal(new.anomaly_map, old.anomaly_map)
 
 
 def test_another_process_gives_bit_identical_scores(saved_model, small_detector, tmp_path):
@@ -55,10 +54,10 @@ def test_another_process_gives_bit_identical_scores(saved_model, small_detector,
         "import sys, torch\n"
         "torch.set_num_threads(1)\n"
         "from safetensors.torch import load_file, save_file\n"
-        "from invert_ad.pipeline import AnomalyDetector\n"
+        "from invert_ad.detector import AnomalyDetector\n"
         "model, data, out = sys.argv[1:4]\n"
         "result = AnomalyDetector.from_pretrained(model).score(load_file(data)['images'])\n"
-        "save_file({'scores': result.image_scores, 'maps': result.anomaly_maps}, out)\n"
+        "save_file({'scores': result.raw_score, 'maps': result.raw_map}, out)\n"
     )
     subprocess.run(
         [sys.executable, "-c", script, str(saved_model), str(tmp_path / "in.safetensors"), str(tmp_path / "o")],
@@ -68,17 +67,17 @@ def test_another_process_gives_bit_identical_scores(saved_model, small_detector,
     )
     other = load_file(str(tmp_path / "o"))
     here = small_detector.score(images)
-    assert torch.equal(other["scores"], here.image_scores) and torch.equal(other["maps"], here.anomaly_maps)
+    assert torch.equal(other["scores"], here.raw_score) and torch.equal(other["maps"], here.raw_map)
 
 
 def test_batch_composition_changes_scores_only_by_rounding(small_detector):
     """Scoring an image alone or among others agrees to float rounding (not promised bit for bit)."""
     images = batch(size=8)
-    together = small_detector.score(images).image_scores
-    alone = torch.cat([small_detector.score(images[i : i + 1]).image_scores for i in range(8)])
+    together = small_detector.score(images).raw_score
+    alone = torch.cat([small_detector.score(images[i : i + 1]).raw_score for i in range(8)])
     torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-4)
     permutation = torch.randperm(8, generator=torch.Generator().manual_seed(0))
-    shuffled = small_detector.score(images[permutation]).image_scores
+    shuffled = small_detector.score(images[permutation]).raw_score
     torch.testing.assert_close(shuffled, together[permutation], rtol=1e-4, atol=1e-4)
 
 
@@ -127,7 +126,7 @@ def test_main_job_with_the_same_seed_is_bit_identical(tmp_path):
     """train_detector twice (a trained residual denoiser, cached features on the second run): same model files."""
     from PIL import Image
 
-    from invert_ad.training.recipe import train_detector
+    from invert_ad.training.train import train_detector
 
     data = tmp_path / "normal"
     data.mkdir()

@@ -177,10 +177,10 @@ def test_scores_are_finite_and_permuting_the_batch_permutes_them(z, data):
     hybrid = HybridScorer().fit(z)
     for scorer in [cls() for cls in SCORERS] + [hybrid]:
         out, shuffled = scorer.score(z), scorer.score(z[permutation])
-        assert torch.isfinite(out.image_scores).all() and torch.isfinite(out.anomaly_maps).all()
-        assert out.image_scores.shape == (z.shape[0],) and out.anomaly_maps.shape == (z.shape[0], *z.shape[2:])
-        torch.testing.assert_close(shuffled.image_scores, out.image_scores[permutation], rtol=1e-6, atol=1e-6)
-        assert torch.equal(shuffled.anomaly_maps, out.anomaly_maps[permutation])
+        assert torch.isfinite(out.raw_score).all() and torch.isfinite(out.raw_map).all()
+        assert out.raw_score.shape == (z.shape[0],) and out.raw_map.shape == (z.shape[0], *z.shape[2:])
+        torch.testing.assert_close(shuffled.raw_score, out.raw_score[permutation], rtol=1e-6, atol=1e-6)
+        assert torch.equal(shuffled.raw_map, out.raw_map[permutation])
 
 
 @FAST
@@ -196,7 +196,7 @@ def test_nll_and_norm_maps_ignore_the_channel_order(z, data):
 def test_max_min_and_nll_ignore_spatial_flips(z, dims):
     maps = norm_map(z)
     assert torch.equal(max_min(maps.flip(dims)), max_min(maps))  # max and min are exact under any reordering
-    assert torch.equal(MaxMinScorer().score(z.flip(dims)).image_scores, MaxMinScorer().score(z).image_scores)
+    assert torch.equal(MaxMinScorer().score(z.flip(dims)).raw_score, MaxMinScorer().score(z).raw_score)
     torch.testing.assert_close(gaussian_nll(z.flip(dims)), gaussian_nll(z), rtol=1e-12, atol=1e-9)
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from invert_ad.features import WeightsError, create_feature_extractor, load_weights_file
 from invert_ad.io import load_torch_checkpoint
-from invert_ad.pipeline import AnomalyDetector
+from invert_ad.detector import AnomalyDetector
 from invert_ad.schedule import linear_alphas_cumprod
 from invert_ad.scorer import InversionScorer
 from invert_ad.training import CHECKPOINT_NAME, TrainingConfig, train_denoiser
@@ -189,7 +189,7 @@ def test_model_folder_plain_pickled_weights_still_load(model_copy, small_detecto
     torch.save(state, denoiser / "diffusion_pytorch_model.bin")
     loaded = AnomalyDetector.from_pretrained(model_copy)
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(loaded.score(images).image_scores, small_detector.score(images).image_scores)
+    assert torch.equal(loaded.score(images).raw_score, small_detector.score(images).raw_score)
 
 
 def test_scorer_config_cannot_name_arbitrary_classes(model_copy):

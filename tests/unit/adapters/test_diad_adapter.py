@@ -29,9 +29,9 @@ def test_scores_through_inversion_scorer(adapter, scoring):
     with adapter.condition(images) as x0:
         assert x0.shape == (2, 4, LATENT_SIZE, LATENT_SIZE)
         out = scorer.score(x0)
-    assert out.image_scores.shape == (2,) and torch.isfinite(out.image_scores).all()
-    assert out.anomaly_maps.shape == (2, LATENT_SIZE, LATENT_SIZE)
-    assert adapter.to_pixel_map(out.anomaly_maps, images.shape[-1]).shape == (2, 64, 64)
+    assert out.raw_score.shape == (2,) and torch.isfinite(out.raw_score).all()
+    assert out.raw_map.shape == (2, LATENT_SIZE, LATENT_SIZE)
+    assert adapter.to_pixel_map(out.raw_map, images.shape[-1]).shape == (2, 64, 64)
 
 
 def test_encoding_is_the_scaled_posterior_mean(adapter, diad_parts):
@@ -96,9 +96,9 @@ def test_chunked_scoring_conditions_each_chunk_on_its_own_images(adapter):
     images = latent_images(3)
     whole = adapter.score_images(scorer, images)
     chunked = adapter.score_images(scorer, images, batch_size=2)
-    torch.testing.assert_close(chunked.latents, whole.latents, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(chunked.image_scores, whole.image_scores, atol=1e-4, rtol=1e-5)
-    assert chunked.anomaly_maps.shape == (3, LATENT_SIZE, LATENT_SIZE)
+    torch.testing.assert_close(chunked.latent, whole.latent, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked.raw_score, whole.raw_score, atol=1e-4, rtol=1e-5)
+    assert chunked.raw_map.shape == (3, LATENT_SIZE, LATENT_SIZE)
     assert set(chunked.components) == set(whole.components) and chunked.components["nll"].shape == (3,)
     with pytest.raises(ValueError, match="batch_size"):
         adapter.score_images(scorer, images, batch_size=0)

@@ -18,9 +18,9 @@ def test_scores_through_inversion_scorer(cls, scoring, pixel_unet):
         if scorer.scorer.requires_fit:
             scorer.fit(adapter.encode(pixel_images(4, seed=1)))
         out = scorer.score(x0)
-    assert out.image_scores.shape == (3,) and torch.isfinite(out.image_scores).all()
-    assert out.anomaly_maps.shape == (3, PIXEL_SIZE, PIXEL_SIZE)
-    assert adapter.to_pixel_map(out.anomaly_maps, images.shape[-2:]).shape == (3, PIXEL_SIZE, PIXEL_SIZE)
+    assert out.raw_score.shape == (3,) and torch.isfinite(out.raw_score).all()
+    assert out.raw_map.shape == (3, PIXEL_SIZE, PIXEL_SIZE)
+    assert adapter.to_pixel_map(out.raw_map, images.shape[-2:]).shape == (3, PIXEL_SIZE, PIXEL_SIZE)
     assert scorer.nfe == (1 if scoring == "irf" else 3)
 
 

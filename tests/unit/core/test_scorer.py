@@ -63,8 +63,8 @@ def test_every_denoiser_kind_and_scorer(kind, scoring, request):
     assert scorer.invert(x).shape == x.shape
     scorer.fit(features(6, seed=1))
     out = scorer.score(x, batch_size=2)
-    assert out.image_scores.shape == (5,) and out.anomaly_maps.shape == (5, H, H) and out.latents.shape == x.shape
-    assert torch.isfinite(out.image_scores).all()
+    assert out.raw_score.shape == (5,) and out.raw_map.shape == (5, H, H) and out.latent.shape == x.shape
+    assert torch.isfinite(out.raw_score).all()
     assert scorer.nfe == {"irf": 1}.get(scoring, 3)
 
 
@@ -173,7 +173,7 @@ def test_a_trained_toy_model_ranks_outliers_above_inliers():
     inliers = sample(200)
     outliers = inliers.clone()
     outliers[:, :, 0, 0] += 5 * sd  # one anomalous position per sample
-    s_in, s_out = scorer.score(inliers).image_scores, scorer.score(outliers).image_scores
+    s_in, s_out = scorer.score(inliers).raw_score, scorer.score(outliers).raw_score
     auroc = (s_out.unsqueeze(1) > s_in.unsqueeze(0)).float().mean()
     assert auroc > 0.95
     z = scorer.invert(inliers)

@@ -32,9 +32,9 @@ def test_hand_made_latent():
     z = torch.zeros(1, 2, 2, 2)
     z[0, :, 0, 0] = torch.tensor([3.0, 4.0])  # norm 5 at (0, 0), zero elsewhere
     out = NLLScorer().score(z)
-    assert out.anomaly_maps[0].tolist() == [[5.0, 0.0], [0.0, 0.0]]
-    assert out.image_scores.item() == pytest.approx(0.5 * 25 + 4 * math.log(2 * math.pi), rel=1e-6)
-    assert MaxMinScorer().score(z).image_scores.item() == 5.0
+    assert out.raw_map[0].tolist() == [[5.0, 0.0], [0.0, 0.0]]
+    assert out.raw_score.item() == pytest.approx(0.5 * 25 + 4 * math.log(2 * math.pi), rel=1e-6)
+    assert MaxMinScorer().score(z).raw_score.item() == 5.0
 
 
 def test_nll_and_maxmin_against_numpy(latents):
@@ -42,9 +42,9 @@ def test_nll_and_maxmin_against_numpy(latents):
     nll = 0.5 * (z**2).reshape(6, -1).sum(1) + 0.5 * z[0].size * np.log(2 * np.pi)
     np.testing.assert_allclose(NLLScorer().score(latents).components["nll"].numpy(), nll, rtol=1e-12)
     maps = np_norm_map(z)
-    np.testing.assert_allclose(NLLScorer().score(latents).anomaly_maps.numpy(), maps, rtol=1e-6)
+    np.testing.assert_allclose(NLLScorer().score(latents).raw_map.numpy(), maps, rtol=1e-6)
     spread = maps.reshape(6, -1).max(1) - maps.reshape(6, -1).min(1)
-    np.testing.assert_allclose(MaxMinScorer().score(latents).image_scores.numpy(), spread, rtol=1e-5)
+    np.testing.assert_allclose(MaxMinScorer().score(latents).raw_score.numpy(), spread, rtol=1e-5)
 
 
 def np_terms(z):
@@ -58,19 +58,19 @@ def test_hybrid_standardize_against_numpy(latents):
     nll_tr, mm_tr = np_terms(train.numpy())
     nll_te, mm_te = np_terms(test.numpy())
     expected = (nll_te - nll_tr.mean()) / nll_tr.std(ddof=1) + (mm_te - mm_tr.mean()) / mm_tr.std(ddof=1)
-    np.testing.assert_allclose(scorer.score(test).image_scores.numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(scorer.score(test).raw_score.numpy(), expected, rtol=1e-5)
 
 
 def test_hybrid_minmax_and_transductive(latents):
     nll, mm = np_terms(latents.numpy())
     expected = (nll - nll.min()) / (nll.max() - nll.min()) + (mm - mm.min()) / (mm.max() - mm.min())
     out = HybridScorer(normalization="test-minmax").score(latents)
-    np.testing.assert_allclose(out.image_scores.numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(out.raw_score.numpy(), expected, rtol=1e-5)
     np.testing.assert_allclose(
         hybrid_from_components(out.components["nll"], out.components["maxmin"]).numpy(), expected, rtol=1e-10
     )
     fitted = HybridScorer(normalization="minmax").fit(latents)
-    np.testing.assert_allclose(fitted.score(latents).image_scores.numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(fitted.score(latents).raw_score.numpy(), expected, rtol=1e-5)
 
 
 def test_hybrid_needs_fit_and_round_trips(latents):
@@ -80,7 +80,7 @@ def test_hybrid_needs_fit_and_round_trips(latents):
     scorer.fit(latents)
     clone = HybridScorer(**scorer.get_config())
     clone.load_state_dict(scorer.state_dict())
-    torch.testing.assert_close(clone.score(latents).image_scores, scorer.score(latents).image_scores)
+    torch.testing.assert_close(clone.score(latents).raw_score, scorer.score(latents).raw_score)
     with pytest.raises(ValueError, match="location"):
         clone.load_state_dict({"location": torch.zeros(3)})
     with pytest.raises(ValueError, match="two normal samples"):

@@ -17,7 +17,7 @@ from torch import nn
 from invert_ad.data import MVTecDataset
 from invert_ad.features import create_feature_extractor
 from invert_ad.models import create_denoiser
-from invert_ad.pipeline import AnomalyDetector, channel_statistics
+from invert_ad.detector import AnomalyDetector, channel_statistics
 from invert_ad.scorer import InversionScorer
 
 IMAGE_SIZE = 128
@@ -82,10 +82,9 @@ def make_detector(lite0, tire_images) -> Callable[..., AnomalyDetector]:
         if denoiser in TINY_RESIDUALS:
             randomize_(model.residual)
         model = model.eval().requires_grad_(False)
-        scorer = InversionScorer(model, ddpm_scheduler(), timesteps=timesteps, scoring=scoring).fit(features)
+        scorer = InversionScorer(model, ddpm_scheduler(), timesteps=timesteps, scoring=scoring)
         detector = AnomalyDetector(lite0, scorer, feature_mean=mean, feature_std=std)
-        detector.fit_calibration(normal_features=features)
-        return detector
+        return detector.fit(normal_features=features, folds=None)
 
     return make
 
@@ -110,9 +109,7 @@ def stand_in_detector() -> Callable[[nn.Module], AnomalyDetector]:
         generator = torch.Generator().manual_seed(0)
         extractor = PooledExtractor()
         features = extractor(torch.rand(8, 3, 16, 16, generator=generator))
-        scorer = InversionScorer(denoiser, ddpm_scheduler(), timesteps="paper", scoring="hybrid").fit(features)
-        detector = AnomalyDetector(extractor, scorer)
-        detector.fit_calibration(normal_features=features)
-        return detector
+        scorer = InversionScorer(denoiser, ddpm_scheduler(), timesteps="paper", scoring="hybrid")
+        return AnomalyDetector(extractor, scorer).fit(normal_features=features, folds=None)
 
     return make

@@ -82,7 +82,7 @@ def detector(make_detector):
 @pytest.fixture(scope="module")
 def eager_scores(detector, tire_images):
     out = detector.score(tire_images["test"])
-    return out.image_scores, out.anomaly_maps
+    return out.raw_score, out.raw_map
 
 
 def test_channels_last_backbone_matches_contiguous(detector, tire_images, eager_scores) -> None:
@@ -93,8 +93,8 @@ def test_channels_last_backbone_matches_contiguous(detector, tire_images, eager_
         assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
     finally:
         detector.optimize()
-    assert relative_error(out.image_scores, eager_scores[0]) < 1e-5
-    assert relative_error(out.anomaly_maps, eager_scores[1]) < 1e-5
+    assert relative_error(out.raw_score, eager_scores[0]) < 1e-5
+    assert relative_error(out.raw_map, eager_scores[1]) < 1e-5
 
 
 def test_bf16_autocast_stays_close_and_keeps_float32_outputs(detector, tire_images, eager_scores) -> None:
@@ -111,8 +111,8 @@ def test_bf16_autocast_stays_close_and_keeps_float32_outputs(detector, tire_imag
         detector.optimize()
     assert detector.scorer.autocast_dtype is None  # optimize() with no arguments restores the eager fp32 path
     assert torch.equal(same_features, features)  # the backbone stays fp32 unless asked
-    assert 0 < relative_error(denoiser_only.image_scores, eager_scores[0]) < 0.02
-    assert low.dtype == torch.float32 and both.image_scores.dtype == torch.float32
+    assert 0 < relative_error(denoiser_only.raw_score, eager_scores[0]) < 0.02
+    assert low.dtype == torch.float32 and both.raw_score.dtype == torch.float32
     assert 0.01 < relative_error(low, features) < 0.25  # bf16's 8-bit mantissa, compounded over the backbone
 
 
@@ -128,9 +128,9 @@ def test_compiled_detector_matches_eager_across_batch_sizes(detector, tire_image
     finally:
         detector.optimize()
     assert detector.scorer.compile_mode is None and detector._backbone is detector.feature_extractor
-    assert relative_error(whole.image_scores, eager_scores[0]) < 1e-5
-    assert relative_error(whole.anomaly_maps, eager_scores[1]) < 1e-5
-    split = torch.cat([first.image_scores, rest.image_scores])
+    assert relative_error(whole.raw_score, eager_scores[0]) < 1e-5
+    assert relative_error(whole.raw_map, eager_scores[1]) < 1e-5
+    split = torch.cat([first.raw_score, rest.raw_score])
     assert relative_error(split, eager_scores[0]) < 1e-5
     eager_latents = detector.scorer.latents(detector.extract(images))
     assert relative_error(latents, eager_latents) < 1e-5

@@ -26,7 +26,7 @@ from invert_ad.export import (
     export_torch,
     load_torch,
 )
-from invert_ad.pipeline import AnomalyDetector
+from invert_ad.detector import AnomalyDetector
 from invert_ad.scorer import InversionScorer
 from invert_ad.scoring import HybridScorer
 
@@ -45,8 +45,8 @@ def python_outputs(detector: AnomalyDetector, images: torch.Tensor) -> tuple[tor
     """The Python path's three outputs, the normalisation written out from the calibration's fields."""
     out = detector.score(images)
     c = detector.calibration
-    normalized = (0.5 + 0.5 * (out.image_scores - c.image_threshold) / (c.image_threshold - c.image_median)).clamp(0, 1)
-    return out.image_scores, normalized, out.anomaly_maps
+    normalized = (0.5 + 0.5 * (out.raw_score - c.image_threshold) / (c.image_threshold - c.image_median)).clamp(0, 1)
+    return out.raw_score, normalized, out.raw_map
 
 
 @pytest.mark.parametrize(
@@ -108,7 +108,7 @@ def test_onnx_matches_python_on_real_images(residual_dit_detector, tire_images, 
     calibration = json.loads(metadata["calibration"])
     assert Calibration.from_dict(calibration) == detector.calibration
     threshold, median = calibration["pixel_threshold"], calibration["pixel_median"]  # as docs/export.md does
-    pixel_maps = np.clip(0.5 + 0.5 * (got[2] - threshold) / (threshold - median), 0.0, 1.0)
+    pixel_maps = 1 / (1 + np.exp(-np.log(3) * (got[2] - threshold) / (threshold - median)))
     assert relative_error(pixel_maps, detector.calibration.normalize_maps(want[2])) <= ONNX_TOLERANCE
 
 
@@ -119,7 +119,9 @@ def test_export_refuses_what_it_cannot_reproduce(make_detector):
 
     def with_scorer(**kwargs) -> AnomalyDetector:
         scorer = InversionScorer(denoiser, scheduler, **kwargs)
-        return AnomalyDetector(extractor, scorer, calibration=detector.calibration)
+        fitted = AnomalyDetector(extractor, scorer)
+        fitted.calibration_ = detector.calibration
+        return fitted
 
     cases = {
         "calibrated": AnomalyDetector(extractor, detector.scorer),

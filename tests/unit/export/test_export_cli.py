@@ -13,7 +13,7 @@ import pytest
 import invert_ad.export
 from invert_ad.cli import main
 from invert_ad.export import ExportResult
-from invert_ad.pipeline import AnomalyDetector
+from invert_ad.detector import AnomalyDetector
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def calls(monkeypatch) -> list[tuple[str, AnomalyDetector, Path, dict]]:
     def recorder(fmt: str):
         def export(detector, path, **kwargs):
             recorded.append((fmt, detector, Path(path), kwargs))
-            return ExportResult(Path(path), fmt, {"raw_image_scores": 0.0}, {"raw_image_scores": 0.0}, 2)
+            return ExportResult(Path(path), fmt, {"raw_score": 0.0}, {"raw_score": 0.0}, 2)
 
         return export
 
@@ -58,7 +58,7 @@ def test_cli_calls_the_exporter_of_the_format(saved, calls, tmp_path, capsys, ex
     assert (called, path, keywords) == (fmt, out, kwargs)
     assert detector.calibration == original.calibration and detector.scorer.grid == original.scorer.grid
     printed = json.loads(capsys.readouterr().out)
-    assert printed == {"out": str(out), "format": fmt, "max_rel_diff": {"raw_image_scores": 0.0}}
+    assert printed == {"out": str(out), "format": fmt, "max_rel_diff": {"raw_score": 0.0}}
 
 
 def test_cli_reports_a_missing_model(calls, tmp_path, capsys):

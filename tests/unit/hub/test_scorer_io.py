@@ -33,11 +33,11 @@ def test_round_trip_is_bit_identical(scorer, tmp_path):
     assert (tmp_path / "denoiser" / "diffusion_pytorch_model.safetensors").is_file()
     loaded = InversionScorer.from_pretrained(tmp_path)
     x = torch.randn(3, 4, 8, 8)
-    assert torch.equal(loaded.score(x).image_scores, scorer.score(x).image_scores)
+    assert torch.equal(loaded.score(x).raw_score, scorer.score(x).raw_score)
     assert loaded.grid == scorer.grid and type(loaded.scheduler) is DDIMScheduler
     assert json.loads((tmp_path / "scorer_config.json").read_text())["scorer"]["class"] == "HybridScorer"
     other = InversionScorer.from_pretrained(tmp_path, scoring="nll", timesteps="official")
-    assert other.grid.terminal_alpha_bar == 0.0 and other.scorer.name == "nll"
+    assert other.grid.terminal_alpha_bar == 0.0 and other.statistic.name == "nll"
 
 
 def test_unsaveable_and_missing(tmp_path):

@@ -133,9 +133,9 @@ def test_works_inside_inversion_scorer(preset: str, make_tiny, randomize) -> Non
     model = randomize(make_tiny(preset)).eval()
     scorer = InversionScorer(model, DDPMScheduler(), scoring="nll")
     out = scorer.score(torch.randn(2, 8, 4, 4))
-    assert out.image_scores.shape == (2,)
-    assert out.anomaly_maps.shape == (2, 4, 4)
-    assert torch.isfinite(out.latents).all()
+    assert out.raw_score.shape == (2,)
+    assert out.raw_map.shape == (2, 4, 4)
+    assert torch.isfinite(out.latent).all()
 
 
 def test_gaussian_scores_rank_outliers_higher(train_features: torch.Tensor) -> None:
@@ -144,7 +144,7 @@ def test_gaussian_scores_rank_outliers_higher(train_features: torch.Tensor) -> N
     normal = train_features[:4]
     outlier = normal.clone()
     outlier[:, :, 1, 2] += 5.0
-    scores = scorer.score(torch.cat([normal, outlier])).image_scores
+    scores = scorer.score(torch.cat([normal, outlier])).raw_score
     assert scores[4:].min() > scores[:4].max()
 
 

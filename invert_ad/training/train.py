@@ -1,8 +1,10 @@
 """The main job: a folder of normal images in, a saved, calibrated :class:`AnomalyDetector` out.
 
-Steps: index the data, extract backbone features once (cached on disk), hold out a share of the normal
-images, standardise the features per channel, build (fit or train) the denoiser, fit the scorer's
-normalisation and the thresholds on the held-out normal images, save everything. No test image is touched.
+Steps: index the data, extract backbone features once (cached on disk), standardise them per channel, build
+(fit or train) the denoiser, then :meth:`AnomalyDetector.fit` fits the latent statistic and the thresholds on
+normal images the denoiser did not see: out of fold for a refittable denoiser (the Gaussian: every training
+image is scored by a Gaussian fitted without it), on a held-out share for a trained one. No test image is
+touched.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,45 +20,19 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler
 
-from ..data import FeatureCache, FolderDataset, ImageDataset, MVTecDataset, cached_features
+from ..data import FeatureCache, ImageDataset, cached_features, default_cache_dir, open_dataset
 from ..defaults import DEFAULT_BACKBONE, DEFAULT_DENOISER
+from ..detector import AnomalyDetector, channel_statistics
 from ..features import create_feature_extractor
 from ..models import create_denoiser
-from ..pipeline import AnomalyDetector, channel_statistics
 from ..schedule import alphas_cumprod_of
 from ..scorer import InversionScorer
 from .config import TrainingConfig
 from .loop import init_distributed_from_env, train_denoiser
 
-__all__ = [
-    "DEFAULT_BACKBONE",
-    "DEFAULT_DENOISER",
-    "TrainSummary",
-    "default_cache_dir",
-    "open_dataset",
-    "train_detector",
-]
+__all__ = ["TrainSummary", "holdout_split", "train_detector"]
 
 logger = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path:
-    """``$INVERT_AD_CACHE`` or ``~/.cache/invert_ad``: where features are cached between runs."""
-    return Path(os.environ.get("INVERT_AD_CACHE", Path.home() / ".cache" / "invert_ad")) / "features"
-
-
-def open_dataset(data: str | os.PathLike | ImageDataset, split: str, image_size: int) -> ImageDataset:
-    """An MVTec-layout category folder (``train/good`` inside) or a plain folder of normal images."""
-    if isinstance(data, ImageDataset):
-        return data
-    root = Path(data)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root}")
-    if (root / "train").is_dir() or (root / "test").is_dir():
-        return MVTecDataset(root, split=split, image_size=image_size, skip_bad=True)
-    if split != "train":
-        raise ValueError(f"{root} is a plain folder of normal images: it has no {split!r} split")
-    return FolderDataset(root, image_size=image_size, skip_bad=True)
 
 
 @dataclass
@@ -65,29 +42,42 @@ class TrainSummary:
     Attributes:
         detector: the calibrated detector (also saved in ``out_dir``).
         out_dir: the model folder.
-        num_train: images the denoiser learned from.
-        num_holdout: normal images held out for calibration.
+        num_train: images the denoiser learned from (or was fitted on).
+        num_calibration: normal images whose scores set the thresholds (all of them when out of fold).
         steps: optimiser steps (0 for a fitted-only denoiser).
-        seconds: wall time of the denoiser's training.
+        seconds: wall time of the denoiser's training or fit.
         final_loss: mean loss of the last 20 steps (``None`` when nothing was trained).
+        info: the JSON-ready record saved in the model card.
     """
 
     detector: AnomalyDetector
     out_dir: Path
     num_train: int
-    num_holdout: int
+    num_calibration: int
     steps: int
     seconds: float
     final_loss: float | None
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _split(n: int, holdout_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def holdout_split(n: int, holdout_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split of ``n`` normal images into sorted train and held-out indices (at least 2 in each).
+
+    Raises:
+        ValueError: fewer than 4 images.
+    """
     if n < 4:
         raise ValueError(f"need at least 4 normal training images, found {n}")
     holdout = min(n - 2, max(2, round(holdout_fraction * n)))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[holdout:].sort().values, order[:holdout].sort().values
+
+
+def default_scheduler() -> DDPMScheduler:
+    """The paper's schedule: linear betas 1e-4 .. 0.02 over T = 1000, no clipping."""
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False
+    )
 
 
 def train_detector(
@@ -100,7 +90,9 @@ def train_detector(
     timesteps: Any = "paper",
     scoring: str = "hybrid",
     training: TrainingConfig | None = None,
+    scheduler: Any | None = None,
     holdout_fraction: float = 0.1,
+    folds: int | None = 5,
     fpr: float = 0.01,
     image_size: int = 256,
     cache_dir: str | os.PathLike | None = None,
@@ -117,7 +109,11 @@ def train_detector(
         denoiser_overrides: constructor arguments for the preset.
         timesteps, scoring: the :class:`InversionScorer` settings.
         training: the optimisation recipe (time or step budget).
-        holdout_fraction: share of the normal images kept out of training for calibration.
+        scheduler: a diffusers scheduler carrying the schedule (default :func:`default_scheduler`); a Gaussian
+            denoiser's closed form uses its betas.
+        holdout_fraction: share of the normal images kept out of a trained denoiser's training for calibration
+            (a fitted-only denoiser uses every image, scored out of fold).
+        folds: folds of the out-of-fold scores (see :meth:`AnomalyDetector.fit`).
         fpr: false-positive rate on normal images that sets the thresholds.
         image_size: images are resized to this square size.
         cache_dir: feature cache (default :func:`default_cache_dir`); ``None`` there means the default.
@@ -129,32 +125,41 @@ def train_detector(
     """
     out_dir = Path(out_dir)
     training = training or TrainingConfig()
+    scheduler = scheduler or default_scheduler()
     rank, world = init_distributed_from_env()  # under torchrun: every process trains its share of each batch
     if world > 1 and device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # one GPU per process
     extractor = create_feature_extractor(backbone, image_size=image_size).to(device)
     dataset = open_dataset(data, "train", extractor.image_size)
     cache = FeatureCache(cache_dir or default_cache_dir())
+    logger.info("backbone features of %d images (cached in %s)", len(dataset), cache.directory)
     raw, paths = cached_features(extractor, dataset, cache, progress=progress)
-    train_idx, holdout_idx = _split(len(paths), holdout_fraction, training.seed)
+    if len(paths) < 4:
+        raise ValueError(f"need at least 4 readable normal training images, found {len(paths)}")
+    fitted_only = denoiser.startswith("gaussian") and "residual" not in denoiser
+    if fitted_only:  # refittable: every image trains the denoiser and is scored out of fold
+        train_idx = calibration_idx = torch.arange(len(paths))
+    else:
+        train_idx, calibration_idx = holdout_split(len(paths), holdout_fraction, training.seed)
     mean, std = channel_statistics(raw[train_idx])
     features = (raw - mean.reshape(1, -1, 1, 1)) / std.reshape(1, -1, 1, 1)
-    train_features, holdout_features = features[train_idx], features[holdout_idx]
+    train_features = features[train_idx]
 
     overrides = dict(denoiser_overrides or {})
     if denoiser.startswith("gaussian"):
         overrides.setdefault("features", train_features)
+        overrides.update(_schedule_of(scheduler))
+    start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # initial weights follow training.seed; the global RNG is restored
         torch.manual_seed(training.seed)
         model = create_denoiser(
             denoiser, in_channels=features.shape[1], grid_size=tuple(features.shape[2:]), **overrides
         )
     model = model.to(device)
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False
-    )
-    steps, seconds, final_loss = 0, 0.0, None
-    if any(p.requires_grad for p in model.parameters()):
+    steps, seconds, final_loss = 0, time.perf_counter() - start, None
+    trains = any(p.requires_grad for p in model.parameters())
+    if trains:
+        logger.info("training %s (%s)", denoiser, _budget(training))
         checkpoint_dir = out_dir.with_name(out_dir.name + ".checkpoint")
         result = train_denoiser(
             model, train_features, alphas_cumprod_of(scheduler), training, checkpoint_dir, progress=progress
@@ -165,20 +170,30 @@ def train_detector(
     if world > 1:
         torch.distributed.barrier()
 
-    scorer = InversionScorer(model, scheduler, timesteps=timesteps, scoring=scoring)
-    scorer.fit(holdout_features.to(device))
-    detector = AnomalyDetector(extractor, scorer, feature_mean=mean, feature_std=std)
-    detector.fit_calibration(normal_features=holdout_features.to(device), fpr=fpr)
+    detector = AnomalyDetector(
+        extractor,
+        InversionScorer(model, scheduler, timesteps=timesteps, scoring=scoring),
+        feature_mean=mean,
+        feature_std=std,
+    )
+    logger.info(
+        "fitting the statistic and thresholds on %d normal images (%s)",
+        len(calibration_idx),
+        f"out of {folds} folds" if fitted_only and folds and folds > 1 else "held out",
+    )
+    detector.fit(normal_features=features[calibration_idx].to(device), fpr=fpr, folds=folds, progress=progress)
+    calibration = detector.calibration
     info = {
         "data": str(data) if not isinstance(data, ImageDataset) else repr(data),
         "backbone": backbone,
         "denoiser": denoiser,
         "num_train": len(train_idx),
-        "num_holdout": len(holdout_idx),
+        "num_calibration": len(calibration_idx),
+        "calibration": "out of fold" if calibration.folds else "held out",
         "steps": steps,
         "train_seconds": round(seconds, 1),
         "final_loss": final_loss,
-        "training": training.to_dict(),
+        "training": training.to_dict() if trains else "none (fitted in closed form)",
     }
     card_training = ", ".join(f"{k}: {v}" for k, v in info.items() if k != "training")
     if rank == 0:  # one writer; the other processes hold the same weights
@@ -186,4 +201,18 @@ def train_detector(
         if steps:
             shutil.rmtree(out_dir.with_name(out_dir.name + ".checkpoint"), ignore_errors=True)
         logger.info("saved detector to %s", out_dir)
-    return TrainSummary(detector, out_dir, len(train_idx), len(holdout_idx), steps, seconds, final_loss, info)
+    return TrainSummary(detector, out_dir, len(train_idx), len(calibration_idx), steps, seconds, final_loss, info)
+
+
+def _budget(training: TrainingConfig) -> str:
+    parts = [
+        f"{training.minutes:g} minutes" if training.minutes else "",
+        f"{training.steps} steps" if training.steps else "",
+    ]
+    return " or ".join(p for p in parts if p)
+
+
+def _schedule_of(scheduler: Any) -> dict[str, Any]:
+    """The beta schedule of a diffusers scheduler, as the Gaussian denoiser's closed form needs it."""
+    config = scheduler.config
+    return {k: config[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}

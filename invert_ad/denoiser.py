@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from ..inversion import EpsFn
+from .inversion import EpsFn
 
-__all__ = ["denoiser_in_channels", "make_eps_fn", "prediction_to_eps"]
+__all__ = ["denoiser_in_channels", "first_tensor", "make_eps_fn", "prediction_to_eps"]
 
 
 def prediction_to_eps(
@@ -100,3 +100,13 @@ def make_eps_fn(denoiser: Any, alphas_cumprod: torch.Tensor, prediction_type: st
         return out
 
     return eps_fn
+
+
+def first_tensor(module: Any) -> torch.Tensor | None:
+    """The first parameter, else the first buffer, of a module (``None`` for plain callables)."""
+    for attribute in ("parameters", "buffers"):
+        tensors = getattr(module, attribute, None)
+        found = next(iter(tensors()), None) if callable(tensors) else None
+        if found is not None:
+            return found
+    return None
