@@ -91,7 +91,7 @@ def test_out_of_fold_thresholds_match_sklearn():
         np.sort(expected)[19], rel=5e-3
     )  # S = 999 Euler steps: ~3e-3 from the exact ODE  # torch's lower median
     in_sample = mahalanobis_max(x, x)
-    assert np.quantile(in_sample, 0.875) < 0.9 * calibration.image_threshold  # in-sample would be optimistic
+    assert np.quantile(in_sample, 0.875) < 0.95 * calibration.image_threshold  # in sample: optimistic
 
 
 def test_a_frozen_denoiser_scores_the_given_images():
