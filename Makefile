@@ -24,7 +24,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 test: venv lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs --durations=10 $(ARGS)
 
 docs: venv
 	$(VENV)/bin/mkdocs build --strict -d site

@@ -46,10 +46,10 @@ import torch
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
+from invert_ad.detector import AnomalyDetector
 from invert_ad.io import atomic_write_json
 from invert_ad.metrics import METRIC_KEYS
 from invert_ad.models import create_denoiser
-from invert_ad.detector import AnomalyDetector
 from invert_ad.schedule import linear_alphas_cumprod
 from invert_ad.scorer import InversionScorer
 from invert_ad.scoring import HybridScorer, MaxMinScorer, MaxNormScorer, NLLScorer, Scorer
@@ -243,7 +243,7 @@ def train_or_load(
         "final_loss": summary.final_loss,
         "num_parameters": _num_parameters(summary.detector.scorer.denoiser),
         "num_train": summary.num_train,
-        "num_holdout": summary.num_holdout,
+        "num_calibration": summary.num_calibration,
         "training": training.to_dict(),
         **plan,
     }

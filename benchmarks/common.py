@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from invert_ad.data import FeatureCache, MVTecDataset, cached_features, load_mask
+from invert_ad.defaults import DEFAULT_BACKBONE
+from invert_ad.detector import channel_statistics, upsample_maps
 from invert_ad.features import create_feature_extractor
 from invert_ad.io import atomic_write_json, atomic_write_text
 from invert_ad.metrics import evaluate_metrics
-from invert_ad.detector import channel_statistics, upsample_maps
-from invert_ad.training.train import DEFAULT_BACKBONE, _split
+from invert_ad.training.train import holdout_split
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -342,7 +343,7 @@ def load_category(
     test_set = MVTecDataset(root, "test", extractor.image_size, skip_bad=True)
     raw_train, _ = cached_features(extractor, train_set, cache, progress=progress)
     raw_test, test_paths = cached_features(extractor, test_set, cache, progress=progress)
-    train_idx, holdout_idx = _split(raw_train.shape[0], holdout_fraction, seed)
+    train_idx, holdout_idx = holdout_split(raw_train.shape[0], holdout_fraction, seed)
     mean, std = channel_statistics(raw_train[train_idx])
 
     def standardise(x: torch.Tensor) -> torch.Tensor:

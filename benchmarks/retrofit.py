@@ -204,7 +204,7 @@ def evaluate(
     for method, kwargs in methods.items():
         scorer = InversionScorer(adapter, adapter.scheduler, **kwargs)
         fit_seconds = None
-        if scorer.scorer.requires_fit:
+        if scorer.requires_fit:
             with Timer() as fit_timer:
                 adapter.fit_scorer(scorer, fit_images, batch_size=batch)
             fit_seconds = fit_timer.seconds

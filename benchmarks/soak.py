@@ -41,10 +41,10 @@ from PIL import Image
 
 from invert_ad import __version__
 from invert_ad.data import list_images, load_image
+from invert_ad.detector import AnomalyDetector, channel_statistics
 from invert_ad.features import create_feature_extractor
 from invert_ad.io import atomic_write_json
 from invert_ad.models import create_denoiser
-from invert_ad.detector import AnomalyDetector, channel_statistics
 from invert_ad.predict import predict_paths
 from invert_ad.scorer import InversionScorer
 
@@ -82,10 +82,9 @@ def build_detector(image_size: int, grid: int) -> tuple[AnomalyDetector, str]:
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False
     )
-    scorer = InversionScorer(denoiser.eval(), scheduler, timesteps="paper", scoring="hybrid").fit(features[8:])
+    scorer = InversionScorer(denoiser.eval(), scheduler, timesteps="paper", scoring="hybrid")
     detector = AnomalyDetector(extractor, scorer, feature_mean=mean, feature_std=std)
-    detector.fit_calibration(normal_features=features[8:])
-    return detector, source
+    return detector.fit(normal_features=features[8:], folds=None), source
 
 
 def write_folder(folder: Path, count: int, side: int) -> None:

@@ -50,9 +50,9 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from invert_ad.data import MVTecDataset
+from invert_ad.detector import AnomalyDetector
 from invert_ad.features import create_feature_extractor
 from invert_ad.models import create_denoiser
-from invert_ad.detector import AnomalyDetector
 from invert_ad.scorer import InversionScorer
 
 from common import (

@@ -108,7 +108,7 @@ def main() -> None:
     print(f"{'method':<24} {'NFE':>4} {'I-AUROC':>8} {'images/s':>9}")
     for name, kwargs in methods.items():
         scorer = InversionScorer(adapter, adapter.scheduler, **kwargs)
-        if scorer.scorer.requires_fit:
+        if scorer.requires_fit:
             scorer.fit(adapter.encode(fit_images))
         start = time.perf_counter()
         with adapter.condition(test_images) as x0:

@@ -76,7 +76,7 @@ def main() -> None:
     }
     for name, kwargs in methods.items():
         scorer = InversionScorer(adapter, adapter.scheduler, **kwargs)
-        if scorer.scorer.requires_fit:
+        if scorer.requires_fit:
             adapter.fit_scorer(scorer, normal, batch_size=4)  # normal images only, never the test set
         start = time.perf_counter()
         out = adapter.score_images(scorer, test, batch_size=4)

@@ -245,7 +245,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from . import __version__
+    from ._version import __version__
     from .features import list_feature_extractors
     from .models import list_denoisers
     from .scoring import list_scorers

@@ -244,7 +244,9 @@ class AnomalyDetector:
         if check is not None:  # before the backbone: a compiled graph would skip its data-dependent checks
             check(x)
         elif x.dim() != 4 or x.shape[1] != 3 or x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"images must have shape (B, 3, {self.image_size}, {self.image_size}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"images must have shape (B, 3, {self.image_size}, {self.image_size}), got {tuple(x.shape)}"
+            )
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(x.device, self.backbone_autocast_dtype):

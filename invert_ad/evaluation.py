@@ -18,7 +18,7 @@ from .acceleration import autocast
 from .data import FeatureCache, ImageDataset, cached_features, default_cache_dir, load_mask, open_dataset
 from .denoiser import first_tensor
 from .detector import AnomalyDetector
-from .io import atomic_write_json
+from .io import atomic_write_json, replace_directory
 from .metrics import evaluate_metrics
 from .scoring import ScoreOutput, hybrid_from_components
 
@@ -102,7 +102,7 @@ def evaluate_detector(
         mode: metric mode (``exact``, ``histogram`` or ``invad``, see :func:`invert_ad.metrics.evaluate_metrics`).
         transductive: re-normalise the hybrid score with min-max over this test set, as the official InvAD
             code does (for reproducing its tables only; deployment never sees the test set).
-        heatmaps: how many overlays to save (spread over normal and anomalous images).
+        heatmaps: how many overlays to save (spread over normal and anomalous images); the folder is replaced.
         timing: measure latency at batch 1 and throughput at batch ``batch_size`` (each after a warm-up call).
         plots: with ``out``, also save the score histogram and the ROC curve as PNG beside the report.
         cache_dir: feature cache (default :func:`~invert_ad.data.default_cache_dir`).
@@ -110,7 +110,8 @@ def evaluate_detector(
 
     Returns:
         The report: the metric keys (fractions in [0, 1], pixel keys ``None`` without masks), counts, NFE,
-        timings, device and dtype, the speed settings, and per-image ``path`` / ``label`` / ``raw_score`` / ``defect_type``.
+        timings, device and dtype, the speed settings, and per-image ``path`` / ``label`` / ``raw_score`` /
+        ``defect_type``.
     """
     dataset = open_dataset(data, "test", detector.image_size)
     low_precision = detector.backbone_autocast_dtype
@@ -169,9 +170,10 @@ def evaluate_detector(
             chosen = np.unique(np.linspace(0, len(paths) - 1, num=min(heatmaps, len(paths))).round().astype(int))
             index_of = {str(r.path): i for i, r in enumerate(dataset.records)}
             samples = [dataset[index_of[paths[i]]] for i in chosen]
-            report["heatmaps"] = [
-                str(p) for p in save_heatmaps(detector, samples, out.with_name(out.stem + "_heatmaps"))
-            ]
+            folder = out.with_name(out.stem + "_heatmaps")
+            with replace_directory(folder) as tmp:  # this run's pictures only: no stale ones from an earlier run
+                names = [p.name for p in save_heatmaps(detector, samples, tmp)]
+            report["heatmaps"] = [str(folder / name) for name in names]
         if plots:
             from .viz import save_roc_curve, save_score_histogram
 

@@ -2,8 +2,9 @@
 
 :class:`ExportableDetector` is an ``nn.Module`` built from an :class:`~invert_ad.detector.AnomalyDetector`:
 images ``(B, 3, S, S)`` in ``[0, 1]`` go in; ``raw_score``, ``pred_score`` and ``raw_map`` at ``S x S`` come out
-(the names of :class:`~invert_ad.DetectorOutput`). Its forward calls the library's own functions, nothing re-implemented: the extractor's
-forward, :meth:`AnomalyDetector.standardize <invert_ad.detector.AnomalyDetector.standardize>`,
+(the names of :class:`~invert_ad.DetectorOutput`). Its forward calls the library's own functions, nothing
+re-implemented: the extractor's forward,
+:meth:`AnomalyDetector.standardize <invert_ad.detector.AnomalyDetector.standardize>`,
 :func:`~invert_ad.inversion.ddim_integrate` over the grid's alpha-bars (or
 :func:`~invert_ad.inversion.one_step_irf`), the statistic's own ``score``, :func:`~invert_ad.scoring.upsample_maps`
 and :meth:`Calibration.normalize_scores <invert_ad.calibration.Calibration.normalize_scores>`.

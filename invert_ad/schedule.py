@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "BETA_SCHEDULES",
     "GRID_PRESETS",
     "SPACINGS",
     "InversionGrid",
@@ -24,6 +25,7 @@ __all__ = [
     "linear_alphas_cumprod",
     "prediction_type_of",
     "resolve_grid",
+    "schedule_alphas_cumprod",
     "spaced_grid",
 ]
 
@@ -213,9 +215,35 @@ def prediction_type_of(scheduler: Any) -> str:
     return kind
 
 
+BETA_SCHEDULES = ("linear", "scaled_linear")
+
+
+def schedule_alphas_cumprod(
+    num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str
+) -> torch.Tensor:
+    """Alpha-bar ``prod_{s<=t} (1 - beta_s)`` of a DDPM beta schedule in float64, shape ``(T,)``.
+
+    Args:
+        num_train_timesteps: T.
+        beta_start: first beta.
+        beta_end: last beta.
+        beta_schedule: ``linear`` (betas evenly spaced) or ``scaled_linear`` (square roots evenly spaced, Stable
+            Diffusion's), as in diffusers' ``DDPMScheduler``.
+
+    Raises:
+        ValueError: an unknown ``beta_schedule``.
+    """
+    if beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    else:
+        raise ValueError(f"unknown beta_schedule {beta_schedule!r}; choose one of {BETA_SCHEDULES}")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
 def linear_alphas_cumprod(
     num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
 ) -> torch.Tensor:
-    """The DDPM linear schedule's alpha-bar in float64, shape ``(T,)``: ``prod_{s<=t} (1 - beta_s)``."""
-    betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
-    return torch.cumprod(1.0 - betas, dim=0)
+    """The DDPM linear schedule's alpha-bar in float64, shape ``(T,)`` (the paper's: 1e-4 .. 0.02, T = 1000)."""
+    return schedule_alphas_cumprod(num_train_timesteps, beta_start, beta_end, "linear")

@@ -172,6 +172,11 @@ class InversionScorer:
         return self._template.latent
 
     @property
+    def requires_fit(self) -> bool:
+        """Whether the statistic must be fitted on normal features before scoring (e.g. the hybrid)."""
+        return self._template.requires_fit
+
+    @property
     def num_reconstruction_steps(self) -> int:
         """Denoising calls of the reconstruction baseline (``reconstruction_steps`` or the grid's call count)."""
         if self.reconstruction_steps is not None:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..denoiser import make_eps_fn
-from ..schedule import PREDICTION_TYPES
+from ..schedule import BETA_SCHEDULES, PREDICTION_TYPES, schedule_alphas_cumprod
 from ..scoring import ScoreOutput, upsample_maps
 
 if TYPE_CHECKING:
@@ -61,15 +61,11 @@ class NoiseSchedule:
             ValueError: an unknown ``beta_schedule`` or betas outside ``(0, 1)``.
         """
         n = self.num_train_timesteps
-        if self.beta_schedule == "linear":
-            betas = torch.linspace(self.beta_start, self.beta_end, n, dtype=torch.float64)
-        elif self.beta_schedule == "scaled_linear":
-            betas = torch.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=torch.float64) ** 2
-        else:
-            raise ValueError(f"unknown beta_schedule {self.beta_schedule!r}; choose 'linear' or 'scaled_linear'")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"unknown beta_schedule {self.beta_schedule!r}; choose one of {BETA_SCHEDULES}")
         if n < 2 or not 0.0 < self.beta_start <= self.beta_end < 1.0:
             raise ValueError(f"need T >= 2 and 0 < beta_start <= beta_end < 1, got {self}")
-        return torch.cumprod(1.0 - betas, dim=0)
+        return schedule_alphas_cumprod(n, self.beta_start, self.beta_end, self.beta_schedule)
 
 
 DDPM_LINEAR = NoiseSchedule("linear", 1e-4, 0.02, 1000)

@@ -13,15 +13,14 @@ The Gaussian presets are fitted, not trained: they need ``features=train_feature
 
 from __future__ import annotations
 
-import fnmatch
 import functools
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from diffusers import ModelMixin
 
+from ..registry import Registry
 from ._layers import grid_hw
 from .conv import ConvDenoiser
 from .dit import DIT_PRESETS, FeatureDiT
@@ -34,7 +33,7 @@ __all__ = ["create_denoiser", "list_denoisers", "load_denoiser", "register_denoi
 DenoiserFactory = Callable[..., ModelMixin]
 """``factory(in_channels, grid_size, **overrides) -> model``."""
 
-_DENOISERS: dict[str, DenoiserFactory] = {}
+_DENOISERS = Registry("denoiser preset")
 
 _CLASSES: dict[str, type[ModelMixin]] = {
     cls.__name__: cls for cls in (FeatureDiT, MLPDenoiser, ConvDenoiser, GaussianDenoiser, GaussianResidualDenoiser)
@@ -48,18 +47,12 @@ def register_denoiser(name: str, factory: DenoiserFactory | None = None) -> Any:
     Re-registering a name warns and replaces it.
     """
 
-    def add(f: DenoiserFactory) -> DenoiserFactory:
-        if name in _DENOISERS:
-            warnings.warn(f"denoiser {name!r} is registered again; the new factory replaces the old", stacklevel=3)
-        _DENOISERS[name] = f
-        return f
-
-    return add(factory) if factory is not None else add
+    return _DENOISERS.register(name, factory)
 
 
 def list_denoisers(pattern: str = "*") -> list[str]:
     """Registered denoiser presets matching a glob ``pattern``, sorted."""
-    return sorted(n for n in _DENOISERS if fnmatch.fnmatch(n, pattern))
+    return _DENOISERS.names(pattern)
 
 
 def create_denoiser(
@@ -86,9 +79,7 @@ def create_denoiser(
         >>> dit = create_denoiser("dit-s", in_channels=192, grid_size=16)
         >>> padim_like = create_denoiser("gaussian", 8, 4, features=torch.randn(32, 8, 4, 4))
     """
-    if preset not in _DENOISERS:
-        raise ValueError(f"unknown denoiser preset {preset!r}; choose one of {list_denoisers()}")
-    return _DENOISERS[preset](in_channels, grid_size, **overrides)
+    return _DENOISERS.create(preset, in_channels, grid_size, **overrides)
 
 
 def load_denoiser(pretrained_model_name_or_path: str, **kwargs: Any) -> ModelMixin:

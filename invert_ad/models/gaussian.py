@@ -19,37 +19,13 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from ..schedule import linear_alphas_cumprod
+from ..schedule import schedule_alphas_cumprod
 from ._layers import DenoiserOutput, as_timesteps, check_sample, grid_hw
 
-__all__ = ["GaussianDenoiser", "ledoit_wolf", "schedule_alphas_cumprod"]
+__all__ = ["GaussianDenoiser", "ledoit_wolf"]
 
 COVARIANCES = ("full", "diagonal")
 SHRINKAGES = ("ledoit_wolf", "diagonal")
-BETA_SCHEDULES = ("linear", "scaled_linear")
-
-
-def schedule_alphas_cumprod(
-    num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str
-) -> torch.Tensor:
-    """Alpha-bar of a DDPM beta schedule in float64, shape ``(T,)``.
-
-    Args:
-        num_train_timesteps: T.
-        beta_start: first beta.
-        beta_end: last beta.
-        beta_schedule: ``linear`` (betas evenly spaced) or ``scaled_linear`` (square roots evenly spaced), as
-            in diffusers' ``DDPMScheduler``.
-
-    Raises:
-        ValueError: an unknown ``beta_schedule``.
-    """
-    if beta_schedule == "linear":
-        return linear_alphas_cumprod(num_train_timesteps, beta_start, beta_end)
-    if beta_schedule == "scaled_linear":
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-        return torch.cumprod(1.0 - betas, dim=0)
-    raise ValueError(f"unknown beta_schedule {beta_schedule!r}; choose one of {BETA_SCHEDULES}")
 
 
 def ledoit_wolf(x: torch.Tensor, assume_centered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

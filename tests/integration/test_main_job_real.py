@@ -16,8 +16,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from invert_ad.cli import main
 from invert_ad.data import MVTecDataset
-from invert_ad.evaluation import evaluate_detector
 from invert_ad.detector import AnomalyDetector
+from invert_ad.evaluation import evaluate_detector
 from invert_ad.predict import predict_paths
 from invert_ad.training import TrainingConfig
 from invert_ad.training.train import train_detector

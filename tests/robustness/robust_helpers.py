@@ -22,9 +22,9 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from invert_ad.data import list_images, load_image
+from invert_ad.detector import AnomalyDetector, channel_statistics
 from invert_ad.features import create_feature_extractor
 from invert_ad.models import create_denoiser
-from invert_ad.detector import AnomalyDetector, channel_statistics
 from invert_ad.scorer import InversionScorer
 
 IMAGE_SIZE = 32  # lite0 at 32 px gives a 2 x 2 grid of 192 channels: the real backbone, seconds on a CPU

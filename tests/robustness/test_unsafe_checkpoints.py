@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from invert_ad.detector import AnomalyDetector
 from invert_ad.features import WeightsError, create_feature_extractor, load_weights_file
 from invert_ad.io import load_torch_checkpoint
-from invert_ad.detector import AnomalyDetector
 from invert_ad.schedule import linear_alphas_cumprod
 from invert_ad.scorer import InversionScorer
 from invert_ad.training import CHECKPOINT_NAME, TrainingConfig, train_denoiser

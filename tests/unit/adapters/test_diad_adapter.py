@@ -22,7 +22,7 @@ def test_defaults(adapter):
 @pytest.mark.parametrize("scoring", ["nll", "irf"])
 def test_scores_through_inversion_scorer(adapter, scoring):
     scorer = InversionScorer(adapter, adapter.scheduler, timesteps="paper", scoring=scoring)
-    if scorer.scorer.requires_fit:
+    if scorer.requires_fit:
         with adapter.condition(latent_images(3, seed=1)) as x0:
             scorer.fit(x0, batch_size=None)
     images = latent_images(2)

@@ -15,7 +15,7 @@ def test_scores_through_inversion_scorer(cls, scoring, pixel_unet):
     scorer = InversionScorer(adapter, adapter.scheduler, timesteps="paper", scoring=scoring)
     images = pixel_images(3)
     with adapter.condition(images) as x0:
-        if scorer.scorer.requires_fit:
+        if scorer.requires_fit:
             scorer.fit(adapter.encode(pixel_images(4, seed=1)))
         out = scorer.score(x0)
     assert out.raw_score.shape == (3,) and torch.isfinite(out.raw_score).all()

@@ -15,9 +15,9 @@ from diffusers import DDPMScheduler
 from torch import nn
 
 from invert_ad.data import MVTecDataset
+from invert_ad.detector import AnomalyDetector, channel_statistics
 from invert_ad.features import create_feature_extractor
 from invert_ad.models import create_denoiser
-from invert_ad.detector import AnomalyDetector, channel_statistics
 from invert_ad.scorer import InversionScorer
 
 IMAGE_SIZE = 128

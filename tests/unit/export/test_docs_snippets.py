@@ -1,10 +1,10 @@
 """The documentation is true to the code: its Python runs, its commands parse, and MkDocs builds it strictly.
 
 Every ```python block of a page runs, in page order, in one namespace per page. Pages run in the order of the
-navigation, in one working folder that starts with ``tire/`` (an MVTec-layout slice of real tire images), so
-later pages use what the quickstart trains (``runs/tire``), as a reader would. A block preceded by
-``<!-- no-run: reason -->`` is skipped. Every ``invert-ad ...`` line of a ```bash block must parse with the real
-argument parser.
+navigation, then the README (the quickstart's model stands in for the one ``make demo`` writes), in one
+working folder that starts with ``tire/`` (an MVTec-layout slice of real tire images), so later pages use what
+the quickstart trains (``runs/tire``), as a reader would. A block preceded by ``<!-- no-run: reason -->`` is
+skipped. Every ``invert-ad ...`` line of a ```bash block must parse with the real argument parser.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import importlib.util
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from invert_ad.cli import build_parser
 ROOT = Path(__file__).resolve().parents[3]
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
+README = ROOT / "README.md"
 NAV = re.findall(r"^  - [^:\n]+: (\w+\.md)$", (ROOT / "mkdocs.yml").read_text(encoding="utf-8"), re.MULTILINE)
 FENCE = re.compile(r"(?P<marker><!-- no-run: [^>]+ -->\n)?```(?P<lang>\w+)\n(?P<code>.*?)\n```", re.DOTALL)
 
@@ -86,6 +88,12 @@ def page_errors(workdir) -> dict[str, BaseException]:
                 run_page(DOCS / name)
             except Exception as err:
                 errors[name] = err
+        if not (workdir / "runs/demo/model").exists() and (workdir / "runs/tire").exists():
+            shutil.copytree(workdir / "runs/tire", workdir / "runs/demo/model")  # what `make demo` leaves
+        try:
+            run_page(README)
+        except Exception as err:
+            errors[README.name] = err
     return errors
 
 
@@ -94,13 +102,13 @@ def test_every_page_is_in_the_navigation():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in NAV if blocks(DOCS / n, "python")])
+@pytest.mark.parametrize("name", [*(n for n in NAV if blocks(DOCS / n, "python")), "README.md"])
 def test_python_blocks_run(name, page_errors):
     if name in page_errors:
         raise page_errors[name]
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if blocks(p, "bash")], ids=lambda p: p.name)
+@pytest.mark.parametrize("page", [p for p in [*PAGES, README] if blocks(p, "bash")], ids=lambda p: p.name)
 def test_cli_commands_parse(page):
     parser = build_parser()
     for code, _ in blocks(page, "bash"):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from invert_ad.calibration import Calibration
+from invert_ad.detector import AnomalyDetector
 from invert_ad.export import (
     OUTPUT_NAMES,
     ExportableDetector,
@@ -26,7 +27,6 @@ from invert_ad.export import (
     export_torch,
     load_torch,
 )
-from invert_ad.detector import AnomalyDetector
 from invert_ad.scorer import InversionScorer
 from invert_ad.scoring import HybridScorer
 

@@ -12,8 +12,8 @@ import pytest
 
 import invert_ad.export
 from invert_ad.cli import main
-from invert_ad.export import ExportResult
 from invert_ad.detector import AnomalyDetector
+from invert_ad.export import ExportResult
 
 
 @pytest.fixture(scope="module")

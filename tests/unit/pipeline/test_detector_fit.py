@@ -61,7 +61,7 @@ def make_detector(images: torch.Tensor, **scorer_kwargs: Any) -> AnomalyDetector
 
 def mahalanobis_max(train: np.ndarray, test: np.ndarray) -> np.ndarray:
     """Per image, the largest per-position Mahalanobis distance under a Ledoit-Wolf Gaussian fitted on ``train``."""
-    n, c, h, w = test.shape
+    n, _, h, w = test.shape
     out = np.zeros((n, h * w))
     for p in range(h * w):
         i, j = divmod(p, w)
@@ -145,7 +145,7 @@ def test_overrides_at_load_refuse_until_refitted(tmp_path, monkeypatch):
 
     from invert_ad.features import _registry
 
-    monkeypatch.setitem(_registry._EXTRACTORS, "pool", lambda image_size=SIZE: PoolExtractor())
+    monkeypatch.setitem(_registry._EXTRACTORS.factories, "pool", lambda image_size=SIZE: PoolExtractor())
     loaded = AnomalyDetector.from_pretrained(folder)
     assert loaded.calibration == detector.calibration
     assert torch.equal(loaded.predict(images[:3]).pred_score, detector.predict(images[:3]).pred_score)
