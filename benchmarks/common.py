@@ -442,7 +442,11 @@ DENOISER_CONFIGS: dict[str, DenoiserConfig] = _configs(
             "Gaussian + conv residual, width 128, depth 2",
         ),
         DenoiserConfig(
-            "residual-conv-256x4", "gaussian-residual-conv", {}, True, "Gaussian + conv residual, width 256, depth 4"
+            "residual-conv-256x4",
+            "gaussian-residual-conv",
+            {"residual_config": {"width": 256, "depth": 4}},
+            True,
+            "Gaussian + conv residual, width 256, depth 4",
         ),
         DenoiserConfig(
             "residual-mlp-256x2",
@@ -452,7 +456,11 @@ DENOISER_CONFIGS: dict[str, DenoiserConfig] = _configs(
             "Gaussian + per-position MLP residual, hidden 256, depth 2",
         ),
         DenoiserConfig(
-            "residual-dit-s", "gaussian-residual-dit", {}, True, "Gaussian + DiT residual (dit-s: hidden 256, depth 4)"
+            "residual-dit-s",
+            "gaussian-residual-dit",
+            {"residual_config": {"hidden_size": 256, "depth": 4, "num_heads": 4}},
+            True,
+            "Gaussian + DiT residual (dit-s size: hidden 256, depth 4, 4 heads)",
         ),
         DenoiserConfig("dit-s", "dit-s", {}, True, "plain DiT, hidden 256, depth 4, 4 heads"),
         DenoiserConfig("dit-b", "dit-b", {}, True, "InvAD's DiT-base (hidden 1024, depth 8): speed runs only"),

@@ -4,7 +4,7 @@ A long-running inspection service must not slow down or grow. This script builds
 (EfficientNet-Lite0 at ``--image-size`` px with its offline ImageNet weights, a per-position Gaussian denoiser
 fitted on real mvtec3d_tire features when ``../shared/data`` is present, otherwise on generated textures,
 hybrid scores, calibrated thresholds), writes a folder of ``--images`` generated PNGs (two of them broken, so
-the skip path runs too) unless ``--folder`` is given, then calls :func:`invert_ad.predict.predict_paths` on it
+the skip path runs too) unless ``--folder`` is given, then calls :func:`invert_ad.predict_files.predict_paths` on it
 round after round until ``--minutes`` have passed.
 
 Per round it records wall time, images per second, the peak RSS during the round (sampled every 10 ms) and
@@ -45,7 +45,7 @@ from invert_ad.detector import AnomalyDetector, channel_statistics
 from invert_ad.features import create_feature_extractor
 from invert_ad.io import atomic_write_json
 from invert_ad.models import create_denoiser
-from invert_ad.predict import predict_paths
+from invert_ad.predict_files import predict_paths
 from invert_ad.scorer import InversionScorer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

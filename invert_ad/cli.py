@@ -206,7 +206,7 @@ def _refit(detector: Any, args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import predict_paths
+    from .predict_files import predict_paths
 
     written = predict_paths(
         args.model,

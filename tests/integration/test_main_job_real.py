@@ -18,7 +18,7 @@ from invert_ad.cli import main
 from invert_ad.data import MVTecDataset
 from invert_ad.detector import AnomalyDetector
 from invert_ad.evaluation import evaluate_detector
-from invert_ad.predict import predict_paths
+from invert_ad.predict_files import predict_paths
 from invert_ad.training import TrainingConfig
 from invert_ad.training.train import train_detector
 

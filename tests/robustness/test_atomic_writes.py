@@ -17,7 +17,7 @@ from robust_helpers import IMAGE_SIZE, texture
 import invert_ad.io
 from invert_ad.data import FeatureCache, FolderDataset, cached_features, extractor_key
 from invert_ad.detector import AnomalyDetector
-from invert_ad.predict import predict_paths
+from invert_ad.predict_files import predict_paths
 
 
 class Crash(Exception):
@@ -245,7 +245,7 @@ def test_map_write_crash_leaves_no_temporary_file(tmp_path, monkeypatch, small_d
             raise Crash("crash at the rename")
         return real(src, dst)
 
-    monkeypatch.setattr("invert_ad.predict.os.replace", replace)
+    monkeypatch.setattr("invert_ad.predict_files.os.replace", replace)
     with pytest.raises(Crash):
         predict_paths(small_detector, [folder_of_images], tmp_path / "r.json", maps_dir=maps, progress=False)
     assert [p.name for p in maps.iterdir()] == ["00.map.png"]  # complete files only

@@ -21,7 +21,7 @@ from PIL import Image
 from robust_helpers import IMAGE_SIZE, PeakRss, bomb_png, expected_size, image_zoo
 
 from invert_ad.data import FolderDataset, ImageDataset, ImageReadError, ImageRecord, collate_samples, load_image
-from invert_ad.predict import predict_paths
+from invert_ad.predict_files import predict_paths
 
 ZOO = image_zoo()
 GOOD = sorted(name for name, (_, ok) in ZOO.items() if ok)
@@ -98,7 +98,7 @@ def test_paths_that_do_not_exist(tmp_path, small_detector, zoo_dir):
 @pytest.mark.filterwarnings("ignore:skipping. cannot read image")
 def test_file_vanishing_after_listing_is_reported(tmp_path, small_detector, zoo_dir, monkeypatch):
     """A file deleted between listing and reading (another process cleaning up) is one error row."""
-    import invert_ad.predict as predict_module
+    import invert_ad.predict_files as predict_module
 
     real = predict_module.expand_inputs
     monkeypatch.setattr(

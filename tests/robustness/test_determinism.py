@@ -17,7 +17,7 @@ from robust_helpers import IMAGE_SIZE, texture
 from safetensors.torch import load_file, save_file
 
 from invert_ad.detector import AnomalyDetector
-from invert_ad.predict import predict_paths
+from invert_ad.predict_files import predict_paths
 from invert_ad.schedule import linear_alphas_cumprod
 from invert_ad.training import TrainingConfig, train_denoiser
 

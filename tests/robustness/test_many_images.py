@@ -15,8 +15,8 @@ from PIL import Image
 from robust_helpers import PeakRss, encoded, texture
 
 import invert_ad.data.base as data_base
-import invert_ad.predict as predict_module
-from invert_ad.predict import predict_paths
+import invert_ad.predict_files as predict_module
+from invert_ad.predict_files import predict_paths
 
 NUM_IMAGES = 2000
 SIDE = 192

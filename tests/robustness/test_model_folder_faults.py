@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from invert_ad.detector import AnomalyDetector
 from invert_ad.features import WeightsError, create_feature_extractor
-from invert_ad.predict import predict_paths
+from invert_ad.predict_files import predict_paths
 from invert_ad.scorer import InversionScorer
 
 DENOISER_WEIGHTS = "denoiser/diffusion_pytorch_model.safetensors"

@@ -20,7 +20,7 @@ from invert_ad.cli import _training_config, build_parser, main
 from invert_ad.data import ImageDataset, ImageRecord
 from invert_ad.detector import AnomalyDetector
 from invert_ad.evaluation import evaluate_detector, time_detector
-from invert_ad.predict import predict_paths
+from invert_ad.predict_files import predict_paths
 
 EAGER = {"compile_mode": None, "channels_last": False, "autocast_dtype": None, "autocast_backbone": False}
 

@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"calibration"},  # thresholds, normalisation, domain check
     {"detector"},  # AnomalyDetector: images -> decisions
     {"metrics"},  # the field's metrics
-    {"adapters", "training", "evaluation", "predict", "export", "viz"},  # the edge
+    {"adapters", "training", "evaluation", "predict_files", "export", "viz"},  # the edge
     {"cli", "__init__"},  # entry points
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
@@ -35,7 +35,7 @@ EDGE_MAY_USE = {
     "evaluation": {"viz"},
     "training": set(),
     "adapters": set(),
-    "predict": set(),
+    "predict_files": set(),
     "export": set(),
     "viz": set(),
 }
