@@ -12,9 +12,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 
-from common import DENOISER_CONFIGS  # noqa: E402
+from common import DENOISER_CONFIGS
 
-from invert_ad.models import create_denoiser  # noqa: E402
+from invert_ad.models import create_denoiser
 
 SIZED = {name: c for name, c in DENOISER_CONFIGS.items() if re.search(r"\d+x\d+$", name) or "dit-s" in name}
 
