@@ -122,17 +122,17 @@ def evaluate_detector(
         )
     labels, masks, records, has_masks = _masks(dataset, paths)
     features = detector.standardize(raw.to(detector.device))
-    out = ScoreOutput.cat(
+    scored = ScoreOutput.cat(
         [
             detector.score_features(chunk, batch_size)
             for chunk in tqdm(features.split(batch_size), desc="scoring", disable=not progress, unit="batch")
         ]
     )
-    scores, maps = out.raw_score, out.raw_map
+    scores, maps = scored.raw_score, scored.raw_map
     if transductive:
-        if not {"nll", "maxmin"} <= set(out.components):
+        if not {"nll", "maxmin"} <= set(scored.components):
             raise ValueError("transductive normalisation needs a hybrid-style scorer (nll and maxmin components)")
-        scores = hybrid_from_components(out.components["nll"].cpu(), out.components["maxmin"].cpu()).float()
+        scores = hybrid_from_components(scored.components["nll"].cpu(), scored.components["maxmin"].cpu()).float()
     metrics = evaluate_metrics(
         scores.numpy(), labels, maps.numpy() if has_masks else None, masks if has_masks else None, mode=mode
     )

@@ -70,7 +70,7 @@ def map_names(paths: Sequence[Path]) -> list[Path]:
     """
     if not paths:
         return []
-    resolved = [p.resolve() for p in paths]
+    resolved = [Path(os.path.abspath(p)) for p in paths]  # links keep their own names
     root = Path(os.path.commonpath([p.parent for p in resolved]))
     names: list[Path] = []
     seen: set[Path] = set()

@@ -120,7 +120,7 @@ class InversionScorer:
             raise ValueError(
                 f"reconstruction_steps must be an int in [1, reconstruction_timestep={t_r}] or None, got {steps!r}"
             )
-        _ = self.grid, self._template  # resolve the grid and the statistic now: a bad name fails here
+        _ = self._grid_alpha_bars, self._template  # resolve the grid and the statistic now: a bad name fails here
 
     # ------------------------------------------------------------------ derived from the arguments
     @cached_property

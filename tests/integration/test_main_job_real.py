@@ -6,6 +6,7 @@ scikit-learn computation on the same scores and maps.
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def trained(tiny_category, tmp_path_factory):
 
 def test_training_saves_a_loadable_calibrated_model(trained):
     summary, _ = trained
-    assert summary.num_train + summary.num_holdout == 12 and summary.steps == 3
+    assert summary.num_train + summary.num_calibration == 12 and summary.steps == 3  # a trained denoiser: held out
     files = {p.name for p in summary.out_dir.iterdir()}
     assert {"scorer_config.json", "detector_config.json", "README.md", "denoiser", "scheduler"} <= files
     assert not summary.out_dir.with_name("tire.checkpoint").exists()
@@ -118,10 +119,15 @@ def test_predict_reports_bad_files_and_scores_the_rest(trained, tiny_category, t
     rows = list(csv.DictReader((tmp_path / "out.csv").open()))
     assert [Path(r["path"]).name for r in rows] == ["000.png", "001.png", "broken.png"]
     assert rows[2]["error"] and rows[0]["height"] == "384" and rows[0]["width"] == "288"
-    assert 0.0 <= float(rows[0]["pred_score"]) <= 1.0
+    c = summary.detector.calibration  # pred_score by hand from the raw score
+    raw = float(rows[0]["raw_score"])
+    by_hand = 1 / (1 + math.exp(-math.log(3) * (raw - c.image_threshold) / (c.image_threshold - c.image_median)))
+    assert float(rows[0]["pred_score"]) == pytest.approx(by_hand, rel=1e-6)
     from PIL import Image
 
-    assert Image.open(tmp_path / "maps" / "000.map.png").size == (288, 384)  # (W, H)
+    assert rows[0]["map_path"] == str(tmp_path / "maps" / "000.map.png") and rows[2]["map_path"] == ""
+    assert Image.open(rows[0]["map_path"]).size == (288, 384)  # (W, H)
+    assert "cannot read image" in rows[2]["error"]
     with pytest.raises(FileNotFoundError, match="no such file"):
         predict_paths(summary.detector, [tmp_path / "missing"], tmp_path / "x.json")
 

@@ -68,7 +68,7 @@ CRASH_POINTS = {
     "scorer state": lambda mp, det: mp.setattr("invert_ad.scorer.atomic_save_tensors", _raise),
     "detector state": lambda mp, det: mp.setattr("invert_ad.detector.atomic_save_tensors", _raise),
     "detector config": lambda mp, det: mp.setattr("invert_ad.detector.atomic_write_json", _raise),
-    "model card": lambda mp, det: mp.setattr("invert_ad.detector.write_model_card", _raise),
+    "model card": lambda mp, det: mp.setattr("invert_ad.detector.detector_model_card", _raise),
     "final rename": lambda mp, det: _fail_final_swap(mp),
 }
 
@@ -98,7 +98,7 @@ def test_interrupt_during_save_keeps_the_previous_model(tmp_path, monkeypatch, s
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("invert_ad.detector.write_model_card", interrupt)
+    monkeypatch.setattr("invert_ad.detector.detector_model_card", interrupt)
     with pytest.raises(KeyboardInterrupt):
         other_detector.save_pretrained(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

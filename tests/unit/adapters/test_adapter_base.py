@@ -88,10 +88,13 @@ def test_to_pixel_map_is_bilinear_upsampling(pixel_unet):
     adapter = DDADAdapter(pixel_unet)
     maps = torch.rand(2, 4, 4)
     assert torch.equal(adapter.to_pixel_map(maps, 4), maps)
-    up = adapter.to_pixel_map(maps, (8, 12))
-    assert up.shape == (2, 8, 12)
-    expected = torch.nn.functional.interpolate(maps[:, None], size=(8, 12), mode="bilinear", align_corners=False)
-    assert torch.equal(up, expected[:, 0])
+    assert adapter.to_pixel_map(maps, (8, 12)).shape == (2, 8, 12)
+    # by hand: align_corners=False samples at (i + 0.5) / 2 - 0.5, clamped at the border
+    small = torch.tensor([[[0.0, 1.0], [2.0, 3.0]]])
+    expected = torch.tensor(
+        [[0.0, 0.25, 0.75, 1.0], [0.5, 0.75, 1.25, 1.5], [1.5, 1.75, 2.25, 2.5], [2.0, 2.25, 2.75, 3.0]]
+    )
+    assert torch.equal(adapter.to_pixel_map(small, 4)[0], expected)
     with pytest.raises(ValueError, match=r"\(B, h, w\)"):
         adapter.to_pixel_map(maps[0], 8)
 

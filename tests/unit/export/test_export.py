@@ -10,6 +10,7 @@ Tolerances (differences relative to ``max(1, max |python|)`` of each output, on 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -45,8 +46,9 @@ def python_outputs(detector: AnomalyDetector, images: torch.Tensor) -> tuple[tor
     """The Python path's three outputs, the normalisation written out from the calibration's fields."""
     out = detector.score(images)
     c = detector.calibration
-    normalized = (0.5 + 0.5 * (out.raw_score - c.image_threshold) / (c.image_threshold - c.image_median)).clamp(0, 1)
-    return out.raw_score, normalized, out.raw_map
+    spread = c.image_threshold - c.image_median
+    normalized = 1 / (1 + torch.exp(-math.log(3) * (out.raw_score.double() - c.image_threshold) / spread))
+    return out.raw_score, normalized.float(), out.raw_map
 
 
 @pytest.mark.parametrize(
@@ -67,7 +69,11 @@ def test_exportable_detector_is_the_python_path(make_detector, tire_images, deno
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-6)
     assert got[2].shape == (len(images), 128, 128)
-    assert got[1].min() >= 0.0 and got[1].max() <= 1.0
+    c = detector.calibration  # pred_score by hand from the raw score
+    by_hand = 1 / (
+        1 + torch.exp(-math.log(3) * (got[0].double() - c.image_threshold) / (c.image_threshold - c.image_median))
+    )
+    torch.testing.assert_close(got[1].double(), by_hand, rtol=1e-6, atol=1e-7)
 
 
 @pytest.fixture(scope="module")

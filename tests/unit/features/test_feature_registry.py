@@ -50,7 +50,7 @@ def test_unknown_name_lists_the_registered_ones():
 
 
 def test_registering_again_warns_and_replaces(monkeypatch):
-    monkeypatch.setattr(_registry, "_EXTRACTORS", dict(_registry._EXTRACTORS))
+    monkeypatch.setattr(_registry._EXTRACTORS, "factories", dict(_registry._EXTRACTORS.factories))
     register_feature_extractor("tiny", lambda: torch.nn.Identity())
     with pytest.warns(UserWarning, match="registered again"):
         register_feature_extractor("tiny", lambda: torch.nn.Linear(1, 1))

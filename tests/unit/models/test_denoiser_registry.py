@@ -149,7 +149,7 @@ def test_gaussian_scores_rank_outliers_higher(train_features: torch.Tensor) -> N
 
 
 def test_register_denoiser_adds_and_warns_on_overwrite(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_registry, "_DENOISERS", dict(_registry._DENOISERS))
+    monkeypatch.setattr(_registry._DENOISERS, "factories", dict(_registry._DENOISERS.factories))
 
     @register_denoiser("tiny-dit")
     def tiny_dit(in_channels: int, grid_size: int, **overrides) -> FeatureDiT:
