@@ -10,6 +10,7 @@ from ._registry import create_denoiser, list_denoisers, load_denoiser, register_
 from .conv import ConvDenoiser
 from .dit import DIT_PRESETS, FeatureDiT
 from .gaussian import GaussianDenoiser, ledoit_wolf
+from .mixture import GaussianMixtureDenoiser
 from .mlp import MLPDenoiser
 from .residual import GaussianResidualDenoiser
 
@@ -19,6 +20,7 @@ __all__ = [
     "DenoiserOutput",
     "FeatureDiT",
     "GaussianDenoiser",
+    "GaussianMixtureDenoiser",
     "GaussianResidualDenoiser",
     "MLPDenoiser",
     "create_denoiser",

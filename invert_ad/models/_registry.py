@@ -5,6 +5,7 @@ Built-in presets:
 - ``dit-s``, ``dit-b``, ``dit-g``: :class:`FeatureDiT` (small CPU model, InvAD's DiT-base and DiT-gigant);
 - ``mlp``: :class:`MLPDenoiser`; ``conv``: :class:`ConvDenoiser`;
 - ``gaussian``: :class:`GaussianDenoiser` fitted on training features;
+- ``gaussian-mixture``: :class:`GaussianMixtureDenoiser`, one Gaussian per product or k-means cluster;
 - ``gaussian-residual-dit``, ``gaussian-residual-mlp``, ``gaussian-residual-conv``:
   :class:`GaussianResidualDenoiser` around a fitted Gaussian (residual ``dit-s``, ``mlp`` or ``conv``).
 
@@ -25,6 +26,7 @@ from ._layers import grid_hw
 from .conv import ConvDenoiser
 from .dit import DIT_PRESETS, FeatureDiT
 from .gaussian import GaussianDenoiser
+from .mixture import GaussianMixtureDenoiser
 from .mlp import MLPDenoiser
 from .residual import RESIDUAL_KINDS, GaussianResidualDenoiser
 
@@ -36,7 +38,15 @@ DenoiserFactory = Callable[..., ModelMixin]
 _DENOISERS = Registry("denoiser preset")
 
 _CLASSES: dict[str, type[ModelMixin]] = {
-    cls.__name__: cls for cls in (FeatureDiT, MLPDenoiser, ConvDenoiser, GaussianDenoiser, GaussianResidualDenoiser)
+    cls.__name__: cls
+    for cls in (
+        FeatureDiT,
+        MLPDenoiser,
+        ConvDenoiser,
+        GaussianDenoiser,
+        GaussianMixtureDenoiser,
+        GaussianResidualDenoiser,
+    )
 }
 
 
@@ -112,6 +122,11 @@ def _fit_gaussian(
     features: torch.Tensor | None = None,
     **fit_kwargs: Any,
 ) -> GaussianDenoiser:
+    _check_features(in_channels, grid_size, features)
+    return GaussianDenoiser.fit(features, **fit_kwargs)
+
+
+def _check_features(in_channels: int, grid_size: int | tuple[int, int], features: torch.Tensor | None) -> None:
     if features is None:
         raise ValueError("Gaussian presets are fitted on training features: pass features=train_features (N, C, h, w)")
     expected = (in_channels, *grid_hw(grid_size))
@@ -119,7 +134,16 @@ def _fit_gaussian(
         raise ValueError(
             f"features must have shape (N, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(features.shape)}"
         )
-    return GaussianDenoiser.fit(features, **fit_kwargs)
+
+
+def _fit_gaussian_mixture(
+    in_channels: int,
+    grid_size: int | tuple[int, int],
+    features: torch.Tensor | None = None,
+    **fit_kwargs: Any,
+) -> GaussianMixtureDenoiser:
+    _check_features(in_channels, grid_size, features)
+    return GaussianMixtureDenoiser.fit(features, **fit_kwargs)
 
 
 RESIDUAL_PRESETS: dict[str, dict[str, Any]] = {
@@ -149,5 +173,6 @@ for _name, _preset in DIT_PRESETS.items():
 register_denoiser("mlp", functools.partial(_build_network, MLPDenoiser, {}))
 register_denoiser("conv", functools.partial(_build_network, ConvDenoiser, {}))
 register_denoiser("gaussian", _fit_gaussian)
+register_denoiser("gaussian-mixture", _fit_gaussian_mixture)
 for _kind in RESIDUAL_KINDS:
     register_denoiser(f"gaussian-residual-{_kind}", functools.partial(_fit_gaussian_residual, _kind))
