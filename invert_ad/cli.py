@@ -70,6 +70,9 @@ def _add_training_args(p: argparse.ArgumentParser, minutes: float | None) -> Non
     )
     p.add_argument("--scoring", default="hybrid", help="nll, maxmin, hybrid, max, irf, reconstruction")
     p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate on normal images for thresholds")
+    p.add_argument(
+        "--folds", type=_positive(int), default=5, help="out-of-fold calibration folds for closed-form denoisers"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default ~/.cache/invert_ad)")
 
@@ -86,6 +89,7 @@ def _train(args: argparse.Namespace, data: Any) -> Any:
         scoring=args.scoring,
         training=_training_config(args),
         fpr=args.fpr,
+        folds=args.folds,
         cache_dir=args.cache_dir,
         device=args.device,
         progress=not args.quiet,
@@ -93,7 +97,7 @@ def _train(args: argparse.Namespace, data: Any) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    summary = _train(args, args.data)
+    summary = _train(args, args.data if len(args.data) > 1 else args.data[0])
     print(json.dumps({"model": str(summary.out_dir), **summary.info}, indent=2, default=str))
     if summary.info.get("verdict"):
         print(summary.info["verdict"], file=sys.stderr)
@@ -150,22 +154,24 @@ def _optimize(args: argparse.Namespace, detector: Any) -> Any:
     return detector.optimize(**settings) if settings else detector
 
 
+def _evaluation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of :func:`~invert_ad.evaluation.evaluate_detector` from the evaluation flags."""
+    return {
+        "batch_size": args.eval_batch_size,
+        "mode": args.mode,
+        "transductive": args.transductive,
+        "heatmaps": args.heatmaps,
+        "timing": not args.no_timing,
+        "cache_dir": args.cache_dir,
+        "progress": not args.quiet,
+        "plots": True,
+    }
+
+
 def _evaluate(args: argparse.Namespace, model: Any, data: Any, out: Path) -> dict[str, Any]:
     from .evaluation import evaluate_detector
 
-    return evaluate_detector(
-        _optimize(args, model),
-        data,
-        out,
-        batch_size=args.eval_batch_size,
-        mode=args.mode,
-        transductive=args.transductive,
-        heatmaps=args.heatmaps,
-        timing=not args.no_timing,
-        cache_dir=args.cache_dir,
-        progress=not args.quiet,
-        plots=True,
-    )
+    return evaluate_detector(_optimize(args, model), data, out, **_evaluation_kwargs(args))
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +188,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     detector = AnomalyDetector.from_pretrained(args.model, device=args.device, **overrides)
     if overrides:  # the saved fit and thresholds belong to the saved settings: refit them on normal images
         _refit(detector, args)
-    report = _evaluate(args, detector, args.data, args.out)
+    if len(args.data) > 1:  # the unified setting: one model, a table per category and their mean
+        from .evaluation import evaluate_categories
+
+        summary = evaluate_categories(_optimize(args, detector), args.data, args.out, **_evaluation_kwargs(args))
+        print(json.dumps({"mean": summary["mean"], "table": str(Path(args.out).with_suffix(".md"))}, indent=2))
+        return 0
+    report = _evaluate(args, detector, args.data[0], args.out)
     print(json.dumps(_summary(report), indent=2))
     return 0
 
@@ -193,15 +205,15 @@ def _refit(detector: Any, args: argparse.Namespace) -> None:
 
     from .data import open_dataset
 
-    dataset = open_dataset(args.data, "train", detector.image_size)
+    datasets = [open_dataset(root, "train", detector.image_size) for root in args.data]
     refittable = callable(getattr(detector.scorer.denoiser, "refit", None))
     print(
         f"note: --timesteps/--scoring change the latent, so the statistic and thresholds are refitted on the "
-        f"{len(dataset)} normal training images of {args.data}"
+        f"{sum(map(len, datasets))} normal training images of {', '.join(map(str, args.data))}"
         + ("" if refittable else " (in sample for this trained denoiser: thresholds are optimistic)"),
         file=sys.stderr,
     )
-    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    images = torch.stack([d[i]["image"] for d in datasets for i in range(len(d))])
     detector.fit(images, fpr=args.fpr, progress=not args.quiet)
 
 
@@ -294,14 +306,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a detector on normal images and save it")
-    p.add_argument("--data", required=True, type=Path, help="MVTec-layout category folder or folder of normal images")
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="MVTec-layout category folder or folder of normal images; several: one detector for all (unified)",
+    )
     p.add_argument("--out", required=True, type=Path, help="model folder to write")
     _add_training_args(p, minutes=10.0)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics, timings and heatmaps of a saved detector on a test split")
     p.add_argument("--model", required=True, help="model folder or Hub repo id")
-    p.add_argument("--data", required=True, type=Path, help="MVTec-layout category folder (its test split)")
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="MVTec-layout category folder(s) (test split); several: a table per category and the mean",
+    )
     p.add_argument("--out", required=True, type=Path, help="JSON report to write")
     p.add_argument(
         "--timesteps", type=_grid, default=None, help="override the saved grid (refits on the data's train split)"

@@ -18,11 +18,11 @@ from .acceleration import autocast
 from .data import FeatureCache, ImageDataset, cached_features, default_cache_dir, load_mask, open_dataset
 from .denoiser import first_tensor
 from .detector import AnomalyDetector
-from .io import atomic_write_json, replace_directory
-from .metrics import evaluate_metrics
+from .io import atomic_write_json, atomic_write_text, replace_directory
+from .metrics import METRIC_KEYS, evaluate_metrics
 from .scoring import ScoreOutput, hybrid_from_components
 
-__all__ = ["evaluate_detector", "time_detector"]
+__all__ = ["evaluate_categories", "evaluate_detector", "metrics_table", "time_detector"]
 
 
 def time_detector(
@@ -184,3 +184,75 @@ def evaluate_detector(
             ]
         atomic_write_json(out, report)
     return report
+
+
+COLUMN_NAMES = {
+    "image_auroc": "I-AUROC",
+    "image_ap": "I-AP",
+    "image_f1max": "I-F1max",
+    "pixel_auroc": "P-AUROC",
+    "pixel_ap": "P-AP",
+    "pixel_f1max": "P-F1max",
+    "aupro": "AU-PRO",
+    "mad": "mAD",
+}
+"""The papers' column names, in their order (InvAD and OSD-IRF tables)."""
+
+
+def evaluate_categories(
+    detector: AnomalyDetector, data: list[str | os.PathLike], out: str | os.PathLike, **kwargs: Any
+) -> dict[str, Any]:
+    """Evaluate one detector on several categories (the unified setting) and report each and their mean.
+
+    The detector is not told which category an image comes from. Each category's full report (with its
+    heatmaps, when asked) goes to ``<out without suffix>/<category>.json``; ``out`` gets the summary and
+    ``<out>.md`` the table in the papers' column order (I-AUROC, I-AP, I-F1max, P-AUROC, P-AP, P-F1max,
+    AU-PRO, mAD), in percent.
+
+    Args:
+        detector: a trained detector.
+        data: MVTec-layout category folders (their ``test`` splits are read).
+        out: the summary JSON to write.
+        **kwargs: passed to :func:`evaluate_detector` (``batch_size``, ``mode``, ``heatmaps``, ...).
+
+    Returns:
+        ``{"categories": {name: {metric: value, ...}}, "mean": {metric: mean over categories}, ...}``; a metric
+        that is ``None`` for some category (no masks) is averaged over the others.
+
+    Raises:
+        ValueError: two categories with the same folder name.
+    """
+    out = Path(out)
+    names = [Path(d).name for d in data]
+    if len(set(names)) != len(names):
+        raise ValueError(f"categories must have distinct folder names, got {names}")
+    folder = out.with_suffix("")
+    categories = {}
+    for name, root in zip(names, data, strict=True):
+        report = evaluate_detector(detector, root, folder / f"{name}.json", **kwargs)
+        categories[name] = {k: report[k] for k in (*METRIC_KEYS, "num_images", "num_anomalous")}
+    mean = {}
+    for key in METRIC_KEYS:
+        values = [c[key] for c in categories.values() if c[key] is not None]
+        mean[key] = float(np.mean(values)) if values else None
+    summary = {
+        "categories": categories,
+        "mean": mean,
+        "metric_mode": kwargs.get("mode", "exact"),
+        "reports": {name: str(folder / f"{name}.json") for name in names},
+        "invert_ad_version": __version__,
+    }
+    atomic_write_json(out, summary)
+    atomic_write_text(out.with_suffix(".md"), metrics_table(summary) + "\n")
+    return summary
+
+
+def metrics_table(summary: dict[str, Any]) -> str:
+    """A Markdown table of :func:`evaluate_categories`' summary: one row per category and the mean, in percent."""
+    header = "| category | " + " | ".join(COLUMN_NAMES[k] for k in METRIC_KEYS) + " |"
+    lines = [header, "|---" * (len(METRIC_KEYS) + 1) + "|"]
+    rows = [*summary["categories"].items(), ("mean", summary["mean"])]
+    for name, metrics in rows:
+        cells = ["—" if metrics[k] is None else f"{100 * metrics[k]:.1f}" for k in METRIC_KEYS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,10 @@ from ..scorer import InversionScorer
 from .config import TrainingConfig
 from .loop import init_distributed_from_env, train_denoiser
 
-__all__ = ["TrainSummary", "holdout_split", "train_detector"]
+__all__ = ["FITTED_PRESETS", "TrainSummary", "holdout_split", "train_detector"]
+
+FITTED_PRESETS = ("gaussian", "gaussian-mixture")
+"""Denoisers fitted in closed form (refittable): every training image is scored out of fold."""
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +85,7 @@ def default_scheduler() -> DDPMScheduler:
 
 
 def train_detector(
-    data: str | os.PathLike | ImageDataset,
+    data: str | os.PathLike | ImageDataset | Sequence[str | os.PathLike | ImageDataset],
     out_dir: str | os.PathLike,
     *,
     backbone: str = DEFAULT_BACKBONE,
@@ -102,7 +106,9 @@ def train_detector(
     """Train and save a detector from normal images.
 
     Args:
-        data: an MVTec-layout category folder, a plain folder of normal images, or a dataset.
+        data: an MVTec-layout category folder, a plain folder of normal images, a dataset, or several of these:
+            one detector for all of them (the unified setting; calibration pooled over them, no category needed
+            at test time; ``gaussian-mixture`` fits one Gaussian per category).
         out_dir: the model folder to write (replaced atomically when done).
         backbone: a feature extractor name (:func:`invert_ad.features.list_feature_extractors`).
         denoiser: a denoiser preset (:func:`invert_ad.models.list_denoisers`).
@@ -130,13 +136,19 @@ def train_detector(
     if world > 1 and device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # one GPU per process
     extractor = create_feature_extractor(backbone, image_size=image_size).to(device)
-    dataset = open_dataset(data, "train", extractor.image_size)
+    sources = list(data) if isinstance(data, list | tuple) else [data]
+    if not sources:
+        raise ValueError("no training data given")
+    datasets = [open_dataset(source, "train", extractor.image_size) for source in sources]
     cache = FeatureCache(cache_dir or default_cache_dir())
-    logger.info("backbone features of %d images (cached in %s)", len(dataset), cache.directory)
-    raw, paths = cached_features(extractor, dataset, cache, progress=progress)
+    logger.info("backbone features of %d images (cached in %s)", sum(map(len, datasets)), cache.directory)
+    parts = [cached_features(extractor, dataset, cache, progress=progress) for dataset in datasets]
+    raw = torch.cat([features for features, _ in parts])
+    paths = [path for _, found in parts for path in found]
+    category = torch.cat([torch.full((len(found),), i) for i, (_, found) in enumerate(parts)])
     if len(paths) < 4:
         raise ValueError(f"need at least 4 readable normal training images, found {len(paths)}")
-    fitted_only = denoiser.startswith("gaussian") and "residual" not in denoiser
+    fitted_only = denoiser in FITTED_PRESETS
     if fitted_only:  # refittable: every image trains the denoiser and is scored out of fold
         train_idx = calibration_idx = torch.arange(len(paths))
     else:
@@ -149,6 +161,8 @@ def train_detector(
     if denoiser.startswith("gaussian"):
         overrides.setdefault("features", train_features)
         overrides.update(_schedule_of(scheduler))
+    if denoiser == "gaussian-mixture" and len(sources) > 1:
+        overrides.setdefault("labels", category[train_idx])  # one component per category
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # initial weights follow training.seed; the global RNG is restored
         torch.manual_seed(training.seed)
@@ -183,8 +197,10 @@ def train_detector(
     )
     detector.fit(normal_features=features[calibration_idx].to(device), fpr=fpr, folds=folds, progress=progress)
     calibration = detector.calibration
+    names = [_name_of(source) for source in sources]
     info = {
-        "data": str(data) if not isinstance(data, ImageDataset) else repr(data),
+        "data": names[0] if len(names) == 1 else names,
+        "categories": {name: int((category == i).sum()) for i, name in enumerate(names)},
         "backbone": backbone,
         "denoiser": denoiser,
         "num_train": len(train_idx),
@@ -197,11 +213,15 @@ def train_detector(
     }
     card_training = ", ".join(f"{k}: {v}" for k, v in info.items() if k != "training")
     if rank == 0:  # one writer; the other processes hold the same weights
-        detector.save_pretrained(out_dir, model_card={"dataset": info["data"], "training": card_training})
+        detector.save_pretrained(out_dir, model_card={"dataset": ", ".join(names), "training": card_training})
         if steps:
             shutil.rmtree(out_dir.with_name(out_dir.name + ".checkpoint"), ignore_errors=True)
         logger.info("saved detector to %s", out_dir)
     return TrainSummary(detector, out_dir, len(train_idx), len(calibration_idx), steps, seconds, final_loss, info)
+
+
+def _name_of(source: Any) -> str:
+    return repr(source) if isinstance(source, ImageDataset) else str(source)
 
 
 def _budget(training: TrainingConfig) -> str:
