@@ -25,13 +25,15 @@ def elpv_root() -> Path:
     return Path(elpv_dataset.__file__).parent / "data"
 
 
-def _records() -> tuple[list[Path], list[Path]]:
+def _records(kind: str | None = None) -> tuple[list[Path], list[Path]]:
     root = elpv_root()
     normal, defective = [], []
     for line in (root / "labels.csv").read_text().splitlines():
         if not line.strip():
             continue
-        name, probability, _kind = line.split()
+        name, probability, cell_kind = line.split()
+        if kind is not None and cell_kind != kind:
+            continue
         if float(probability) == 0.0:
             normal.append(root / name)
         elif float(probability) == 1.0:
@@ -44,6 +46,7 @@ def elpv_dataset(
     image_size: int = 256,
     max_train: int | None = 600,
     max_test_per_class: int | None = 150,
+    kind: Literal["mono", "poly"] | None = None,
 ) -> ImageDataset:
     """The ELPV train (normal only) or test (normal + defective) split.
 
@@ -52,8 +55,15 @@ def elpv_dataset(
         image_size: side S of the square tensors.
         max_train: keep at most this many training cells (evenly spaced by name), ``None`` for all 1206.
         max_test_per_class: at most this many normal and this many defective test cells, ``None`` for all.
+        kind: only monocrystalline (``"mono"``) or polycrystalline (``"poly"``) cells: two products for the
+            unified setting; ``None``: both.
+
+    Raises:
+        ValueError: an unknown split or kind.
     """
-    normal, defective = _records()
+    if kind not in (None, "mono", "poly"):
+        raise ValueError(f"kind must be 'mono', 'poly' or None, got {kind!r}")
+    normal, defective = _records(kind)
     test_normal = normal[::5]
     train_normal = [p for i, p in enumerate(normal) if i % 5]
 
@@ -70,4 +80,5 @@ def elpv_dataset(
         records += [ImageRecord(p, 1, "defect") for p in thin(defective, max_test_per_class)]
     else:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    return ImageDataset(records, image_size=image_size, skip_bad=True, description=f"ELPV {split}")
+    name = "ELPV" if kind is None else f"ELPV {kind}"
+    return ImageDataset(records, image_size=image_size, skip_bad=True, description=f"{name} {split}")
