@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .keys import StateDictMismatchError, extract_state_dict, load_checkpoint, load_weights, strip_wrapper_prefixes
+from .keys import StateDictMismatchError, extract_state_dict, load_weights, read_checkpoint, strip_wrapper_prefixes
 
 if TYPE_CHECKING:
     from ..models import FeatureDiT
@@ -102,7 +102,11 @@ def _infer_dit_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def load_official_invad(
-    source: str | os.PathLike[str] | Mapping[str, Any], *, key: str | None = None, **dit_kwargs: Any
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    key: str | None = None,
+    allow_unsafe_pickle: bool = False,
+    **dit_kwargs: Any,
 ) -> FeatureDiT:
     """Build a :class:`~invert_ad.models.FeatureDiT` from an official InvAD checkpoint.
 
@@ -114,6 +118,7 @@ def load_official_invad(
         source: a checkpoint path (``.pth`` read with ``weights_only=True``, or ``.safetensors``) or a loaded
             state dict.
         key: the checkpoint entry holding the weights, if nested.
+        allow_unsafe_pickle: unpickle a file that needs arbitrary Python objects (only for trusted files).
         **dit_kwargs: FeatureDiT constructor arguments.
 
     Returns:
@@ -126,7 +131,7 @@ def load_official_invad(
     """
     from ..models import FeatureDiT
 
-    checkpoint = load_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    checkpoint = read_checkpoint(source, allow_unsafe_pickle)
     state_dict = convert_official_invad_state_dict(extract_state_dict(checkpoint, key))
     kwargs = {"num_heads": OFFICIAL_NUM_HEADS, **_infer_dit_kwargs(state_dict), **dit_kwargs}
     model = load_weights(FeatureDiT(**kwargs), state_dict, prefix="")

@@ -80,6 +80,7 @@ class PixelAdapter(DiffusionAdapter):
         *,
         key: str | None = None,
         prefix: str | None = None,
+        allow_unsafe_pickle: bool = False,
         **kwargs: Any,
     ) -> PixelAdapter:
         """Load a checkpoint into ``model`` (see :func:`~invert_ad.adapters.load_weights`) and wrap it.
@@ -89,13 +90,20 @@ class PixelAdapter(DiffusionAdapter):
             model: the denoiser architecture with the checkpoint's hyper-parameters.
             key: the checkpoint entry holding the weights (default: the class's ``checkpoint_key``).
             prefix: the key prefix of the denoiser (default: found automatically).
+            allow_unsafe_pickle: unpickle a file that needs arbitrary Python objects (only for trusted files).
             **kwargs: forwarded to the constructor.
 
         Raises:
             StateDictMismatchError: the weights do not fit ``model``.
             UnsafeCheckpointError: a pickle that needs arbitrary Python objects.
         """
-        load_weights(model, source, key=key if key is not None else cls.checkpoint_key, prefix=prefix)
+        load_weights(
+            model,
+            source,
+            key=key if key is not None else cls.checkpoint_key,
+            prefix=prefix,
+            allow_unsafe_pickle=allow_unsafe_pickle,
+        )
         return cls(model, **kwargs)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
