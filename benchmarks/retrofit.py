@@ -172,7 +172,16 @@ def train_diad(
     )
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32))
     context = torch.randn(1, 4, 32, generator=gen)
-    adapter = DiADAdapter(unet, controlnet, vae, context, scaling_factor=scaling_factor)
+    adapter = DiADAdapter(  # a plain ControlNet in the SD / ControlNet conventions (not DiAD's SGN; see the docstring)
+        unet,
+        controlnet,
+        vae,
+        context,
+        scaling_factor=scaling_factor,
+        image_normalisation="symmetric",
+        hint_normalisation="unit",
+        only_mid_control=False,
+    )
     x0_all = raw * scaling_factor
     ab = adapter.alphas_cumprod.float()
     params = list(unet.parameters()) + list(controlnet.parameters())

@@ -102,7 +102,7 @@ class _TimestepFeatures(nn.Module):
 
 
 class _GroupNorm32(nn.GroupNorm):
-    """GroupNorm over 32 groups, computed in float32 and cast back."""
+    """GroupNorm over 32 groups, computed in float32 (or float64 for float64 inputs) and cast back."""
 
     def __init__(self, channels: int) -> None:
         if channels % _GROUPS:
@@ -110,7 +110,7 @@ class _GroupNorm32(nn.GroupNorm):
         super().__init__(_GROUPS, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        return super().forward(x if x.dtype == torch.float64 else x.float()).type(x.dtype)
 
 
 class _Resample(nn.Module):
@@ -337,9 +337,14 @@ class PixelUNet(nn.Module):
         return cls(**arguments)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """eps at ``x (B, C, H, W)`` and timesteps ``t (B,)`` (int or float, training indices); float32 out."""
-        emb = self.time_embedding(t)
-        h = x.float()
+        """eps at ``x (B, C, H, W)`` and timesteps ``t (B,)`` (int or float, training indices).
+
+        Computed in the dtype of the weights (float32 as the peers do; float64 after ``.double()``, for
+        reference checks), returned in the dtype of ``x``.
+        """
+        dtype = self.out[-1].weight.dtype
+        emb = self.time_embedding[1:](self.time_embedding[0](t).to(dtype))
+        h = x.to(dtype)
         skips = []
         for stage in self.down:
             h = stage(h, emb)
