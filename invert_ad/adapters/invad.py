@@ -30,7 +30,12 @@ from .keys import StateDictMismatchError, extract_state_dict, load_weights, read
 if TYPE_CHECKING:
     from ..models import FeatureDiT
 
-__all__ = ["OFFICIAL_UNUSED_PREFIXES", "convert_official_invad_state_dict", "load_official_invad"]
+__all__ = [
+    "OFFICIAL_UNUSED_PREFIXES",
+    "convert_official_invad_state_dict",
+    "load_official_invad",
+    "official_invad_scheduler",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -136,3 +141,36 @@ def load_official_invad(
     kwargs = {"num_heads": OFFICIAL_NUM_HEADS, **_infer_dit_kwargs(state_dict), **dit_kwargs}
     model = load_weights(FeatureDiT(**kwargs), state_dict, prefix="")
     return model.eval()
+
+
+def official_invad_scheduler(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Any:
+    """A diffusers ``DDPMScheduler`` carrying the official InvAD schedule with its float64 alpha-bars.
+
+    The official code builds guided-diffusion's linear schedule in float64 (``numpy.linspace`` betas,
+    ``numpy.cumprod``); a freshly built ``DDPMScheduler`` computes its ``alphas_cumprod`` in float32, about
+    1e-7 away. This one's ``alphas_cumprod`` is replaced by the official float64 values (bit for bit), for
+    ``InversionScorer(load_official_invad(path), official_invad_scheduler(), timesteps="official:5")``.
+
+    Args:
+        num_train_timesteps: T (official: 1000).
+        beta_start: the first beta (official: 1e-4).
+        beta_end: the last beta (official: 0.02).
+
+    Returns:
+        A ``DDPMScheduler`` (epsilon prediction, no clipping) with float64 ``alphas_cumprod`` of shape ``(T,)``.
+    """
+    import numpy as np
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        beta_schedule="linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
+    # numpy's linspace and cumprod, as guided-diffusion computes them (torch's linspace differs in the last bit)
+    betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
+    scheduler.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - betas))
+    return scheduler
