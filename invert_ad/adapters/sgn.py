@@ -75,6 +75,15 @@ class SemanticGuidedNetwork(nn.Module):
         expected = {f"down{s}{t}" for s in (1, 2, 3) for t in (1, 2, 3)}
         if set(fusion_shapes) != expected:
             raise ValueError(f"fusion_shapes must name {sorted(expected)}, got {sorted(fusion_shapes)}")
+        widths = list(config.block_out_channels)
+        for name, (out_channels, in_channels) in fusion_shapes.items():
+            source, want_in = int(name[4]), widths[1] if name[4] == "1" else widths[2]
+            if (in_channels, out_channels) != (want_in, widths[3]):
+                raise ValueError(
+                    f"SFF convolution {name} maps {in_channels} -> {out_channels} channels, but residual "
+                    f"{SFF_SOURCES[source - 1]} has {want_in} and residuals 9-11 have {widths[3]} "
+                    f"(encoder widths {widths})"
+                )
         self.encoder = encoder
         self.fusion = nn.ModuleDict({name: _FusionConv(i, o) for name, (o, i) in sorted(fusion_shapes.items())})
         self.silu = nn.SiLU()

@@ -159,7 +159,8 @@ def _diad(peer: Peer) -> None:
 
 def _invad(peer: Peer) -> None:
     ref = peer.ref
-    model = load_official_invad(peer.checkpoint)
+    recorded = {**peer.config.get("defaults_in_effect", {}), **peer.config.get("diffusion_config", {})}
+    model = load_official_invad(peer.checkpoint, num_heads=int(recorded.get("num_heads", 8)))
     scheduler = official_invad_scheduler()
     assert torch.equal(scheduler.alphas_cumprod, ref["alphas_cumprod"])
     features = ref["features"]
