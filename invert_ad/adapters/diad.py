@@ -193,7 +193,7 @@ class DiADAdapter(DiffusionAdapter):
         )
         kwargs.setdefault("schedule", _ldm_schedule(params))
         kwargs.setdefault("only_mid_control", bool(params.get("only_mid_control", True)))
-        return cls(unet.eval(), sgn.eval(), vae.eval(), context, **kwargs)
+        return cls(unet, sgn, vae, context, **kwargs).eval()
 
     @property
     def vae_scale_factor(self) -> int:

@@ -89,7 +89,7 @@ class PixelAdapter(DiffusionAdapter):
         allow_unsafe_pickle: bool = False,
         **kwargs: Any,
     ) -> PixelAdapter:
-        """Load a checkpoint (see :func:`~invert_ad.adapters.load_weights`) into a network and wrap it.
+        """Load a checkpoint (see :func:`~invert_ad.adapters.load_weights`) into a network and wrap it (eval mode).
 
         Args:
             source: a ``.safetensors`` / ``.pt`` path (any name, e.g. DDAD's ``2000``) or a loaded checkpoint.
@@ -115,7 +115,7 @@ class PixelAdapter(DiffusionAdapter):
             model = PixelUNet.from_arguments(_constructor_arguments(config))
             kwargs.setdefault("schedule", schedule_from_config(config, DDPM_LINEAR))
         load_weights(model, checkpoint, key=key if key is not None else cls.checkpoint_key, prefix=prefix)
-        return cls(model.eval(), **kwargs)
+        return cls(model, **kwargs).eval()
 
     @classmethod
     def network_from_checkpoint(cls, checkpoint: Mapping[str, Any]) -> nn.Module:

@@ -178,3 +178,23 @@ def test_sff_replaces_residuals_9_to_11_by_the_fused_sum():
                 expected = F.silu(plain[i] + sum(fuse(plain[5 + s], f"down{s}{y}") for s in (1, 2, 3)))
                 torch.testing.assert_close(down[i], expected, atol=1e-5, rtol=1e-5)
         assert torch.equal(mid, plain_mid)
+
+
+def test_ddad_from_its_file_and_a_mapping_of_constructor_arguments(tmp_path):
+    """DDAD's save: DataParallel's state dict under the epoch number; the arguments as a plain mapping."""
+    arguments = {
+        "img_size": 16,
+        "base_channels": 32,
+        "channel_mults": (1, 2),
+        "attention_resolutions": "8",
+        "n_heads": 2,
+        "in_channels": 3,
+    }
+    torch.manual_seed(0)
+    net = PixelUNet(**arguments).eval()
+    torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, tmp_path / "300")
+    adapter = DDADAdapter.from_checkpoint(tmp_path / "300", arguments)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([4, 900])
+    with torch.no_grad():
+        assert torch.equal(adapter(x, t), net(x, t.float()))
+    assert adapter.config.in_channels == 3 and not adapter.training
