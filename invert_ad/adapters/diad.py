@@ -212,7 +212,7 @@ class DiADAdapter(DiffusionAdapter):
 
     @contextlib.contextmanager
     def condition(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Bind ``images`` as the ControlNet hint for the block and yield their latents ``x0``.
+        """Bind ``images`` as the guidance hint for the block and yield their latents ``x0``.
 
         Args:
             images: ``(B, 3, H, W)`` in ``[0, 1]``; ``H`` and ``W`` multiples of :attr:`vae_scale_factor`.

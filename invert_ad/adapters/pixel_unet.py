@@ -21,6 +21,7 @@ Both detectors use the same guided-diffusion-derived UNet (DDAD's ``unet.UNetMod
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -330,7 +331,7 @@ class PixelUNet(nn.Module):
         Raises:
             TypeError: an argument :class:`PixelUNet` does not take (the message lists the ones it takes).
         """
-        known = set(cls.__init__.__code__.co_varnames[1 : cls.__init__.__code__.co_argcount])
+        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
         unknown = sorted(set(arguments) - known)
         if unknown:
             raise TypeError(f"PixelUNet takes no argument(s) {unknown}; it takes {sorted(known)}")
