@@ -3,13 +3,19 @@
 Trains two small diffusion anomaly detectors on the CPU for a few minutes on one MVTec-layout category and
 scores each *same* checkpoint three ways on the test split:
 
-- **DDAD-style** (pixel space): a diffusers ``UNet2DModel`` on images in ``[-1, 1]``, eps-MSE, DDPM's linear
+- **DDAD** (pixel space): DDAD's own UNet (:class:`~invert_ad.adapters.PixelUNet`, the architecture of its
+  ``unet.py`` at a small size) on images in ``[-1, 1]``, called with float timesteps, eps-MSE, DDPM's linear
   betas 1e-4 .. 0.02, T = 1000, wrapped by :class:`~invert_ad.adapters.DDADAdapter`.
-- **DiAD-style** (latent, image-conditioned): a tiny ``AutoencoderKL`` trained briefly for reconstruction
-  (f = 4), then a ``UNet2DConditionModel`` + ``ControlNetModel`` (hint = the input image, a fixed random
-  context tensor) trained jointly with eps-MSE on the VAE's scaled latents under Stable Diffusion's
-  scaled-linear schedule, wrapped by :class:`~invert_ad.adapters.DiADAdapter`. Unlike DiAD nothing is
-  pretrained: the UNet and the ControlNet are trained together from scratch.
+- **DiAD** (latent, image-conditioned), DiAD's architecture at a small size: a tiny ``AutoencoderKL``
+  (f = 4) trained briefly to reconstruct ImageNet-normalised images, then a ``UNet2DConditionModel`` with
+  DiAD's layout (four levels of two residual blocks, cross-attention on the first three) and DiAD's
+  Semantic-Guided Network (:class:`~invert_ad.adapters.SemanticGuidedNetwork`: a ControlNet copy of the
+  encoder, hint = the ImageNet-normalised input image, plus the SFF block), with ``only_mid_control`` (only
+  the middle residual and the SFF outputs reach the UNet), trained jointly with eps-MSE on the VAE's scaled
+  latents under LDM's scaled-linear schedule, wrapped by :class:`~invert_ad.adapters.DiADAdapter` with its
+  defaults. Deviations from DiAD: nothing is pretrained, so the whole UNet is trained (DiAD freezes Stable
+  Diffusion's encoder half); the VAE is f = 4, so the hint block downsamples twice (DiAD: three times, for
+  SD's f = 8 VAE); the cross-attention context is a fixed random tensor (DiAD: CLIP of the empty prompt).
 
 Scoring, on the same weights:
 
@@ -40,10 +46,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel, UNet2DModel
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
 from invert_ad import InversionScorer
-from invert_ad.adapters import DDADAdapter, DiADAdapter, DiffusionAdapter
+from invert_ad.adapters import DDADAdapter, DiADAdapter, DiffusionAdapter, PixelUNet, SemanticGuidedNetwork
+from invert_ad.adapters.diad import normalise_images
 from invert_ad.data import MVTecDataset
 from invert_ad.metrics import evaluate_metrics
 
@@ -97,13 +104,14 @@ def eps_step(
 
 
 def train_ddad(images: torch.Tensor, size: int, seconds: float, batch: int, gen: Any) -> tuple[DDADAdapter, dict]:
-    unet = UNet2DModel(
-        sample_size=size,
-        block_out_channels=(16, 32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D",) * 4,
-        up_block_types=("UpBlock2D",) * 4,
-        norm_num_groups=8,
+    # DDAD builds UNetModel(img_size, 64, n_heads=4) with six levels at 256 px; three of 32-64 channels here
+    unet = PixelUNet(
+        img_size=size,
+        base_channels=32,
+        channel_mults=(1, 2, 2),
+        attention_resolutions=str(size // 4),
+        n_heads=4,
+        in_channels=3,
     )
     adapter = DDADAdapter(unet)
     x0_all = adapter.encode(images)
@@ -114,7 +122,7 @@ def train_ddad(images: torch.Tensor, size: int, seconds: float, batch: int, gen:
 
     def step(_: int) -> float:
         idx = torch.randint(len(x0_all), (batch,), generator=gen)
-        return eps_step(lambda x, t: unet(x, t.float()).sample, x0_all[idx], ab, params, optimizer, gen)
+        return eps_step(lambda x, t: unet(x, t.float()), x0_all[idx], ab, params, optimizer, gen)
 
     info = timed_loop(seconds, step, "ddad")
     unet.eval().requires_grad_(False)
@@ -138,7 +146,7 @@ def train_diad(
     )
     vae_params = list(vae.parameters())
     vae_opt = torch.optim.AdamW(vae_params, lr=1e-3)
-    pixels = images * 2 - 1
+    pixels = normalise_images(images, "imagenet")  # DiAD feeds its VAE ImageNet-normalised images
     vae.train()
 
     def vae_step(_: int) -> float:
@@ -157,28 +165,33 @@ def train_diad(
         raw = torch.cat([vae.encode(c).latent_dist.mode() for c in pixels.split(32)])
     scaling_factor = float(1.0 / raw.std())  # SD picks 0.18215 the same way: unit-variance latents
 
-    latent = size // 4
+    widths = (32, 32, 64, 64)  # DiAD's layout (SD 1.5: 320, 640, 1280, 1280), four levels of two blocks
+    blocks = {
+        "in_channels": 4,
+        "block_out_channels": widths,
+        "layers_per_block": 2,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "cross_attention_dim": 32,
+        "attention_head_dim": 4,
+    }
     unet = UNet2DConditionModel(
-        sample_size=latent,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
+        sample_size=size // 4, out_channels=4, up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **blocks
     )
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32))
+    # f = 4: two stride-2 stages in the hint block. SFF: residual 6 (width[1]) and 7, 8 (width[2]) -> width[3].
+    encoder = ControlNetModel(conditioning_embedding_out_channels=(16, 32, 64), **blocks)
+    sff = {f"down{s}{t}": (widths[3], widths[1] if s == 1 else widths[2]) for s in (1, 2, 3) for t in (1, 2, 3)}
+    sgn = SemanticGuidedNetwork(encoder, sff)
+    with torch.no_grad():  # DiAD zero-initialises its SFF convolutions (as ControlNet its zero convolutions)
+        for block in sgn.fusion.values():
+            block[0].weight.zero_()
     context = torch.randn(1, 4, 32, generator=gen)
-    adapter = DiADAdapter(unet, controlnet, vae, context, scaling_factor=scaling_factor)
+    adapter = DiADAdapter(unet, sgn, vae, context, scaling_factor=scaling_factor)  # DiAD's defaults
     x0_all = raw * scaling_factor
     ab = adapter.alphas_cumprod.float()
-    params = list(unet.parameters()) + list(controlnet.parameters())
+    params = list(unet.parameters()) + list(sgn.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     unet.train()
-    controlnet.train()
+    sgn.train()
 
     def step(_: int) -> float:
         idx = torch.randint(len(x0_all), (batch,), generator=gen)
@@ -186,7 +199,7 @@ def train_diad(
 
     info = timed_loop(seconds, step, "diad")
     unet.eval().requires_grad_(False)
-    controlnet.eval().requires_grad_(False)
+    sgn.eval().requires_grad_(False)
     info |= {
         "parameters": sum(p.numel() for p in params),
         "vae": {**vae_info, "parameters": sum(p.numel() for p in vae_params), "final_loss_is": "pixel MSE"},
@@ -252,9 +265,11 @@ def to_markdown(data: dict[str, Any]) -> str:
         f"{s['batch_size']}, encoding included.\n",
         markdown_table(data["rows"], COLUMNS, HEADERS),
         "\nMinutes of CPU training from scratch: absolute numbers are far below the papers'. Compare rows of "
-        "one model, not these numbers with published ones. DiAD here has no pretrained Stable Diffusion, its VAE "
-        "is a tiny f=4 one trained for the run, its context is a fixed random tensor, and its reconstruction "
-        "setting (t=500, 10 DDIM steps) is this benchmark's choice.\n",
+        "one model, not these numbers with published ones. DiAD here is DiAD's architecture (SGN with SFF, "
+        "only_mid_control, ImageNet-normalised VAE input and hint) at a small size, trained from scratch: no "
+        "pretrained Stable Diffusion (so its whole UNet is trained), a tiny f=4 VAE trained for the run (so the "
+        "hint block downsamples twice), a fixed random context; its reconstruction setting (t=500, 10 DDIM "
+        "steps) is this benchmark's choice.\n",
     ]
     return "\n".join(lines)
 
@@ -283,9 +298,9 @@ def main() -> None:
     print(f"train {len(train)}, calibration {len(fit_images)}, test {len(test['images'])}/{test_total}")
 
     budget = args.minutes * 60
-    print("training DDAD-style pixel UNet", flush=True)
+    print("training DDAD's pixel UNet", flush=True)
     ddad, ddad_info = train_ddad(train, args.size, SHARES["ddad"] * budget, args.batch_size, gen)
-    print("training DiAD-style VAE + UNet + ControlNet", flush=True)
+    print("training DiAD: VAE, then UNet + SGN (SFF, only_mid_control)", flush=True)
     diad, diad_info = train_diad(
         train, args.size, SHARES["vae"] * budget, SHARES["diad"] * budget, args.batch_size, gen
     )

@@ -51,7 +51,18 @@ def tiny_diad(generator: torch.Generator) -> DiADAdapter:
     # The hint embedding must downsample images to the latent grid: two stride-2 stages for f = 4.
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16))
     context = torch.randn(1, 4, 16, generator=generator)  # stands in for the empty prompt's CLIP embedding
-    return DiADAdapter(unet, controlnet, vae, context).eval().requires_grad_(False)
+    # A plain ControlNet, fed as ControlNet and Stable Diffusion are (DiAD's own SGN comes from its checkpoint:
+    # DiADAdapter.from_checkpoint, see docs/checkpoints.md).
+    adapter = DiADAdapter(
+        unet,
+        controlnet,
+        vae,
+        context,
+        image_normalisation="symmetric",
+        hint_normalisation="unit",
+        only_mid_control=False,
+    )
+    return adapter.eval().requires_grad_(False)
 
 
 def main() -> None:

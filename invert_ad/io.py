@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import os
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = [
+    "SAFE_CHECKPOINT_GLOBALS",
     "UnsafeCheckpointError",
     "atomic_save_tensors",
     "atomic_torch_save",
@@ -34,6 +36,40 @@ __all__ = [
 _ORIG_MOD = re.compile(r"(^|\.)_orig_mod\.")
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+
+_DEFAULT_FACTORIES: tuple[type, ...] = (
+    builtins.str,
+    builtins.int,
+    builtins.float,
+    builtins.bool,
+    builtins.list,
+    builtins.dict,
+)
+
+
+def _defaultdict_as_dict(default_factory: Any = None) -> dict:
+    """Stand-in for ``collections.defaultdict`` while unpickling: an empty plain ``dict`` that the items fill.
+
+    Raises:
+        pickle.UnpicklingError: a default factory other than a builtin type (it could be any callable).
+    """
+    if default_factory is not None and default_factory not in _DEFAULT_FACTORIES:
+        raise pickle.UnpicklingError(f"refusing a defaultdict whose default factory is {default_factory!r}")
+    return {}
+
+
+SAFE_CHECKPOINT_GLOBALS: tuple[Any, ...] = (
+    (_defaultdict_as_dict, "collections.defaultdict"),
+    *_DEFAULT_FACTORIES,
+)
+"""What ``weights_only`` unpickling may build besides tensors and plain containers.
+
+Training scripts store their hyper-parameters next to the weights, e.g. DiffusionAD's ``args``, a
+``collections.defaultdict(str)`` (pickled as ``defaultdict`` plus its default factory ``str``). A
+``defaultdict`` is read back as a plain ``dict`` with the same items, and only a builtin type may be named as
+its factory: nothing of the file's choosing runs. Anything else (functions, other classes, ``__reduce__``
+payloads) is still refused.
+"""
 
 
 def _umask() -> int:
@@ -116,6 +152,10 @@ def load_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) 
 def load_torch_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> Any:
     """Read a ``.pt`` / ``.pth`` / ``.ckpt`` checkpoint with ``torch.load(weights_only=True)``.
 
+    Besides tensors and plain containers the file may hold the classes of :data:`SAFE_CHECKPOINT_GLOBALS`
+    (a ``collections.defaultdict`` with a builtin default factory, such as DiffusionAD's ``args``, comes back
+    as a plain ``dict``).
+
     Args:
         path: the checkpoint.
         allow_unsafe_pickle: fall back to full unpickling, which can run arbitrary code. Only for files you
@@ -130,13 +170,15 @@ def load_torch_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = F
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # what weights_only=True raises for objects it will not build
         if not allow_unsafe_pickle:
             raise UnsafeCheckpointError(
                 f"refusing to unpickle {path}: it holds objects other than tensors, so it was not unpickled "
                 f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). Convert it to safetensors, or pass "
-                "allow_unsafe_pickle=True if you trust its source."
+                "allow_unsafe_pickle=True (to load_checkpoint, load_weights or the adapter's from_checkpoint) if "
+                "you trust its source."
             ) from err
     except Exception as err:  # truncated, corrupt or not a torch.save file at all
         raise _unreadable(path, err) from err

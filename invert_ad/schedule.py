@@ -23,6 +23,7 @@ __all__ = [
     "InversionGrid",
     "alphas_cumprod_of",
     "linear_alphas_cumprod",
+    "official_grid",
     "prediction_type_of",
     "resolve_grid",
     "schedule_alphas_cumprod",
@@ -127,11 +128,38 @@ def spaced_grid(num_steps: int, spacing: str = "uniform", num_train_timesteps: i
     return InversionGrid(tuple(points))
 
 
+def official_grid(num_steps: int = 3, num_train_timesteps: int = 1000) -> InversionGrid:
+    """The grid the official InvAD code inverts on for ``eval_step = S``: S calls, then alpha-bar 0.
+
+    The official evaluation rebuilds its diffusion with ``S`` respaced steps (guided-diffusion's rule for one
+    section of ``T`` steps: a stride of ``(T - 1) / (S - 1)`` accumulated from 0, each point rounded half to
+    even), calls the network at each of those original timesteps and ends the last DDIM-reverse step at
+    alpha-bar 0. For T = 1000: S = 3 calls at 0, 500, 999; S = 5 at 0, 250, 500, 749, 999.
+
+    Args:
+        num_steps: S, the official ``eval_step`` (>= 1).
+        num_train_timesteps: T.
+
+    Raises:
+        ValueError: ``num_steps < 1`` or more steps than timesteps.
+    """
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    if num_steps > num_train_timesteps:
+        raise ValueError(f"num_steps={num_steps} exceeds the {num_train_timesteps} timesteps of the schedule")
+    stride = 1.0 if num_steps == 1 else (num_train_timesteps - 1) / (num_steps - 1)
+    points, position = [], 0.0
+    for _ in range(num_steps):
+        points.append(round(position))
+        position += stride
+    return InversionGrid(tuple(points), terminal_alpha_bar=0.0)
+
+
 GRID_PRESETS: dict[str, Callable[[int], InversionGrid]] = {
     # InvAD paper: tau = [333, 666, 999], calls at 0, 333, 666 (S = 3).
     "paper": lambda T: spaced_grid(3, "uniform", T),
     # What the official code's eval_step: 3 really does: calls at 0, 500, 999, then alpha-bar 0.
-    "official": lambda T: InversionGrid((0, T // 2, T - 1), terminal_alpha_bar=0.0),
+    "official": lambda T: official_grid(3, T),
 }
 
 
@@ -139,7 +167,8 @@ def resolve_grid(spec: Any, num_train_timesteps: int = 1000) -> InversionGrid:
     """Turn a user's grid specification into a validated :class:`InversionGrid`.
 
     Args:
-        spec: ``"paper"``, ``"official"``, an int S (S uniform steps), a spacing name (``"quad"``, S = 3) or
+        spec: ``"paper"``, ``"official"`` (the official code's S = 3) or ``"official:5"`` (its grid for any S,
+            see :func:`official_grid`), an int S (S uniform steps), a spacing name (``"quad"``, S = 3) or
             ``"quad:10"`` (spacing and S), a sequence of points, or an :class:`InversionGrid`.
         num_train_timesteps: T of the schedule.
 
@@ -157,14 +186,17 @@ def resolve_grid(spec: Any, num_train_timesteps: int = 1000) -> InversionGrid:
         name, _, steps = spec.partition(":")
         if name in GRID_PRESETS and not steps:
             grid = GRID_PRESETS[name](num_train_timesteps)
-        elif name in SPACINGS:
+        elif name in SPACINGS or name == "official":
             try:
                 num_steps = int(steps) if steps else 3
             except ValueError:
                 raise ValueError(f"timesteps {spec!r}: the part after ':' must be an int number of steps") from None
-            grid = spaced_grid(num_steps, name, num_train_timesteps)
+            if name == "official":
+                grid = official_grid(num_steps, num_train_timesteps)
+            else:
+                grid = spaced_grid(num_steps, name, num_train_timesteps)
         else:
-            choices = sorted(GRID_PRESETS) + [f"{s}[:S]" for s in sorted(SPACINGS)]
+            choices = sorted(GRID_PRESETS) + ["official:S"] + [f"{s}[:S]" for s in sorted(SPACINGS)]
             raise ValueError(f"unknown timesteps preset {spec!r}; choose one of {choices}, an int or a list")
     elif isinstance(spec, (Sequence, torch.Tensor)):
         values = spec.tolist() if isinstance(spec, torch.Tensor) else list(spec)

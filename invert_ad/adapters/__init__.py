@@ -6,13 +6,22 @@
   :class:`DiADAdapter` (image-conditioned latent diffusion) and :class:`MDMAdapter` (masked teachers,
   x0 / v predictors);
 - :mod:`~invert_ad.adapters.keys`: safe checkpoint loading and state-dict key remapping;
-- :func:`convert_official_invad_state_dict` / :func:`load_official_invad`: official InvAD checkpoints.
+- :func:`convert_official_invad_state_dict` / :func:`load_official_invad` / :func:`official_invad_scheduler`:
+  official InvAD checkpoints;
+- :class:`PixelUNet` (DDAD's and DiffusionAD's UNet) and :class:`SemanticGuidedNetwork` (DiAD's SGN with its
+  SFF block), built from the peers' checkpoints by the adapters' ``from_checkpoint``; see
+  ``docs/checkpoints.md``.
 """
 
 from ._registry import create_adapter, list_adapters, register_adapter
 from .base import DDPM_LINEAR, SD_SCALED_LINEAR, AdapterConfig, DiffusionAdapter, NoiseSchedule, check_images
 from .diad import DiADAdapter
-from .invad import OFFICIAL_UNUSED_PREFIXES, convert_official_invad_state_dict, load_official_invad
+from .invad import (
+    OFFICIAL_UNUSED_PREFIXES,
+    convert_official_invad_state_dict,
+    load_official_invad,
+    official_invad_scheduler,
+)
 from .keys import (
     StateDictMismatchError,
     UnsafeCheckpointError,
@@ -24,6 +33,8 @@ from .keys import (
 )
 from .mdm import MaskedDenoiser, MDMAdapter
 from .pixel import DDADAdapter, DiffusionADAdapter, PixelAdapter
+from .pixel_unet import PixelUNet
+from .sgn import SemanticGuidedNetwork
 
 __all__ = [
     "DDPM_LINEAR",
@@ -38,6 +49,8 @@ __all__ = [
     "MaskedDenoiser",
     "NoiseSchedule",
     "PixelAdapter",
+    "PixelUNet",
+    "SemanticGuidedNetwork",
     "StateDictMismatchError",
     "UnsafeCheckpointError",
     "check_images",
@@ -49,6 +62,7 @@ __all__ = [
     "load_checkpoint",
     "load_official_invad",
     "load_weights",
+    "official_invad_scheduler",
     "register_adapter",
     "strip_wrapper_prefixes",
 ]

@@ -25,12 +25,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .keys import StateDictMismatchError, extract_state_dict, load_checkpoint, load_weights, strip_wrapper_prefixes
+from .keys import StateDictMismatchError, extract_state_dict, load_weights, read_checkpoint, strip_wrapper_prefixes
 
 if TYPE_CHECKING:
     from ..models import FeatureDiT
 
-__all__ = ["OFFICIAL_UNUSED_PREFIXES", "convert_official_invad_state_dict", "load_official_invad"]
+__all__ = [
+    "OFFICIAL_UNUSED_PREFIXES",
+    "convert_official_invad_state_dict",
+    "load_official_invad",
+    "official_invad_scheduler",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +107,11 @@ def _infer_dit_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def load_official_invad(
-    source: str | os.PathLike[str] | Mapping[str, Any], *, key: str | None = None, **dit_kwargs: Any
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    key: str | None = None,
+    allow_unsafe_pickle: bool = False,
+    **dit_kwargs: Any,
 ) -> FeatureDiT:
     """Build a :class:`~invert_ad.models.FeatureDiT` from an official InvAD checkpoint.
 
@@ -114,6 +123,7 @@ def load_official_invad(
         source: a checkpoint path (``.pth`` read with ``weights_only=True``, or ``.safetensors``) or a loaded
             state dict.
         key: the checkpoint entry holding the weights, if nested.
+        allow_unsafe_pickle: unpickle a file that needs arbitrary Python objects (only for trusted files).
         **dit_kwargs: FeatureDiT constructor arguments.
 
     Returns:
@@ -126,8 +136,41 @@ def load_official_invad(
     """
     from ..models import FeatureDiT
 
-    checkpoint = load_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    checkpoint = read_checkpoint(source, allow_unsafe_pickle)
     state_dict = convert_official_invad_state_dict(extract_state_dict(checkpoint, key))
     kwargs = {"num_heads": OFFICIAL_NUM_HEADS, **_infer_dit_kwargs(state_dict), **dit_kwargs}
     model = load_weights(FeatureDiT(**kwargs), state_dict, prefix="")
     return model.eval()
+
+
+def official_invad_scheduler(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Any:
+    """A diffusers ``DDPMScheduler`` carrying the official InvAD schedule with its float64 alpha-bars.
+
+    The official code builds guided-diffusion's linear schedule in float64 (``numpy.linspace`` betas,
+    ``numpy.cumprod``); a freshly built ``DDPMScheduler`` computes its ``alphas_cumprod`` in float32, about
+    1e-7 away. This one's ``alphas_cumprod`` is replaced by the official float64 values (bit for bit), for
+    ``InversionScorer(load_official_invad(path), official_invad_scheduler(), timesteps="official:5")``.
+
+    Args:
+        num_train_timesteps: T (official: 1000).
+        beta_start: the first beta (official: 1e-4).
+        beta_end: the last beta (official: 0.02).
+
+    Returns:
+        A ``DDPMScheduler`` (epsilon prediction, no clipping) with float64 ``alphas_cumprod`` of shape ``(T,)``.
+    """
+    import numpy as np
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        beta_schedule="linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
+    # numpy's linspace and cumprod, as guided-diffusion computes them (torch's linspace differs in the last bit)
+    betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
+    scheduler.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - betas))
+    return scheduler

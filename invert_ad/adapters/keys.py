@@ -29,6 +29,7 @@ __all__ = [
     "find_prefix",
     "load_checkpoint",
     "load_weights",
+    "read_checkpoint",
     "strip_wrapper_prefixes",
 ]
 
@@ -68,6 +69,13 @@ class StateDictMismatchError(RuntimeError):
                 shown = ", ".join(items[:_MAX_LISTED]) + (f", ... ({more} more)" if more > 0 else "")
                 lines.append(f"  {len(items)} {title}: {shown}")
         super().__init__("\n".join(lines))
+
+
+def read_checkpoint(source: str | os.PathLike[str] | Mapping[str, Any], allow_unsafe_pickle: bool = False) -> Any:
+    """``source`` itself when it is already loaded, else :func:`load_checkpoint` of the path."""
+    if isinstance(source, (str, os.PathLike)):
+        return load_checkpoint(source, allow_unsafe_pickle=allow_unsafe_pickle)
+    return source
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -142,6 +150,7 @@ def load_weights(
     *,
     key: str | None = None,
     prefix: str | None = None,
+    allow_unsafe_pickle: bool = False,
 ) -> nn.Module:
     """Load a checkpoint into ``model`` strictly, undoing the usual wrappers.
 
@@ -157,6 +166,8 @@ def load_weights(
         key: the checkpoint entry holding the weights (see :func:`extract_state_dict`).
         prefix: the prefix of the model's keys inside the state dict (``None``: found automatically,
             ``""``: none).
+        allow_unsafe_pickle: unpickle a file that needs arbitrary Python objects (it can run code: only for
+            files you trust; see :func:`load_checkpoint`).
 
     Returns:
         ``model``, with the weights loaded.
@@ -165,7 +176,7 @@ def load_weights(
         StateDictMismatchError: missing, unexpected or mis-shaped keys (all named in the message).
         UnsafeCheckpointError: a pickle needing arbitrary objects.
     """
-    checkpoint = load_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    checkpoint = read_checkpoint(source, allow_unsafe_pickle)
     state_dict = strip_wrapper_prefixes(extract_state_dict(checkpoint, key))
     target = model.state_dict()
     if prefix is None:

@@ -191,7 +191,7 @@ class ImageDataset(Dataset):
         except ImageReadError as err:
             if not self.skip_bad:
                 raise
-            warnings.warn(f"skipping: {err}", stacklevel=2)
+            warnings.warn(f"skipping: {err}", stacklevel=1)  # not stack 2: that is inside torch's DataLoader
             return self._placeholder(record, index, str(err))
 
     def _load(self, record: ImageRecord, index: int) -> Sample:

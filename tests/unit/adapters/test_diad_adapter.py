@@ -34,13 +34,36 @@ def test_scores_through_inversion_scorer(adapter, scoring):
     assert adapter.to_pixel_map(out.raw_map, images.shape[-1]).shape == (2, 64, 64)
 
 
-def test_encoding_is_the_scaled_posterior_mean(adapter, diad_parts):
+def test_encoding_is_the_scaled_posterior_mean_of_the_imagenet_normalised_image(adapter, diad_parts):
     vae = diad_parts[2]
     images = latent_images(2)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     with torch.no_grad():
-        expected = vae.encode(images * 2 - 1).latent_dist.mean * 0.18215
+        expected = vae.encode((images - mean) / std).latent_dist.mean * 0.18215
         assert torch.equal(adapter.encode(images), expected)
         assert torch.equal(adapter.encode(images), adapter.encode(images))
+        symmetric = DiADAdapter(*diad_parts, image_normalisation="symmetric")
+        assert torch.equal(symmetric.encode(images), vae.encode(images * 2 - 1).latent_dist.mean * 0.18215)
+    with pytest.raises(ValueError, match="hint_normalisation"):
+        DiADAdapter(*diad_parts, hint_normalisation="[-1, 1]")
+
+
+def test_only_mid_control_passes_the_middle_and_last_three_residuals(diad_parts):
+    """DiAD's ControlledUnetModel: with only_mid_control the UNet sees residuals -3.. and the middle one."""
+    unet, controlnet, vae, context = diad_parts
+    seen = []
+    hook = unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    x_t = torch.randn(2, 4, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for only_mid in (True, False):
+            DiADAdapter(unet, controlnet, vae, context, only_mid_control=only_mid).eps(x_t, 10, hint=latent_images(2))
+    hook.remove()
+    mid_only, everything = (s["down_block_additional_residuals"] for s in seen)
+    assert len(mid_only) == len(everything) > 3
+    assert all(not r.any() for r in mid_only[:-3]) and all(r.abs().sum() > 0 for r in everything)
+    assert all(torch.equal(a, b) for a, b in zip(mid_only[-3:], everything[-3:], strict=True))
+    assert torch.equal(seen[0]["mid_block_additional_residual"], seen[1]["mid_block_additional_residual"])
 
 
 def test_eps_depends_on_the_hint(adapter):
