@@ -195,7 +195,9 @@ def train_diad(
 
     def step(_: int) -> float:
         idx = torch.randint(len(x0_all), (batch,), generator=gen)
-        return eps_step(lambda x, t: adapter.predict(x, t, hint=images[idx]), x0_all[idx], ab, params, optimizer, gen)
+        return eps_step(
+            lambda x, t: adapter.network_output(x, t, hint=images[idx]), x0_all[idx], ab, params, optimizer, gen
+        )
 
     info = timed_loop(seconds, step, "diad")
     unet.eval().requires_grad_(False)
@@ -219,10 +221,10 @@ def evaluate(
         fit_seconds = None
         if scorer.requires_fit:
             with Timer() as fit_timer:
-                adapter.fit_scorer(scorer, fit_images, batch_size=batch)
+                adapter.fit(scorer, fit_images, batch_size=batch)
             fit_seconds = fit_timer.seconds
         with Timer() as timer:
-            out = adapter.score_images(scorer, test["images"], batch_size=batch)
+            out = adapter.score(scorer, test["images"], batch_size=batch)
         maps = adapter.to_pixel_map(out.raw_map, size)
         metrics = evaluate_metrics(
             out.raw_score.double().numpy(), test["labels"].numpy(), maps.numpy(), test["masks"].numpy()

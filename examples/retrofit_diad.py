@@ -7,7 +7,7 @@ network whose hint is the test image. :class:`invert_ad.adapters.DiADAdapter` wr
 
 PLUMBING ONLY: the models here are tiny and randomly initialised, and the images are random, so every score
 is meaningless. The example shows the calls: building the adapter, scoring inside ``adapter.condition``,
-calibrating and scoring in chunks with ``fit_scorer`` / ``score_images``, and bringing latent-grid maps back
+calibrating and scoring in chunks with ``fit`` / ``score``, and bringing latent-grid maps back
 to pixels with ``to_pixel_map``. For trained models on real data see ``benchmarks/retrofit.py``.
 
 Run: ``python examples/retrofit_diad.py`` (a few seconds on a CPU).
@@ -88,9 +88,9 @@ def main() -> None:
     for name, kwargs in methods.items():
         scorer = InversionScorer(adapter, adapter.scheduler, **kwargs)
         if scorer.requires_fit:
-            adapter.fit_scorer(scorer, normal, batch_size=4)  # normal images only, never the test set
+            adapter.fit(scorer, normal, batch_size=4)  # normal images only, never the test set
         start = time.perf_counter()
-        out = adapter.score_images(scorer, test, batch_size=4)
+        out = adapter.score(scorer, test, batch_size=4)
         seconds = time.perf_counter() - start
         pixel_maps = adapter.to_pixel_map(out.raw_map, test.shape[-2:])
         print(f"{name:<22} NFE {scorer.nfe:>2}  maps {tuple(pixel_maps.shape)}  {len(test) / seconds:6.1f} images/s")

@@ -12,8 +12,8 @@ understands. Calling an adapter returns eps, so it is itself a valid denoiser::
 
 ``condition`` is the uniform entry point: for unconditional models it only encodes, for image-conditioned
 models (:class:`~invert_ad.adapters.DiADAdapter`) it also binds the batch's conditioning for the duration
-of the block. :meth:`DiffusionAdapter.fit_scorer` and :meth:`DiffusionAdapter.score_images` do the same
-chunk by chunk (``adapter.score_images(scorer, images, batch_size=8)``).
+of the block. :meth:`DiffusionAdapter.fit` and :meth:`DiffusionAdapter.score` do the same
+chunk by chunk (``adapter.score(scorer, images, batch_size=8)``).
 """
 
 from __future__ import annotations
@@ -121,14 +121,14 @@ def check_images(images: Any, channels: int | None = None) -> torch.Tensor:
 class DiffusionAdapter(nn.Module, ABC):
     """A trained diffusion model exposed as ``encode(images) -> x0`` and ``eps(x_t, t)`` in its own space.
 
-    Subclasses implement :meth:`encode` and :meth:`predict` (the network's native prediction). The base class
+    Subclasses implement :meth:`encode` and :meth:`network_output` (the network's native prediction). The base class
     validates timesteps, converts ``v_prediction`` / ``sample`` outputs to eps, and builds the diffusers
     scheduler carrying the schedule. An adapter is an ``nn.Module`` holding the wrapped networks, so ``.to``,
     ``.eval`` and ``.parameters`` reach them; ``adapter(x_t, t)`` returns eps.
 
     Args:
         schedule: the noise schedule the model was trained with.
-        prediction_type: what :meth:`predict` returns: ``epsilon``, ``v_prediction`` or ``sample`` (x0).
+        prediction_type: what :meth:`network_output` returns: ``epsilon``, ``v_prediction`` or ``sample`` (x0).
         in_channels: channels of ``x_t`` (declared in :attr:`config` for channel checks), ``None`` if unknown.
 
     Raises:
@@ -192,7 +192,7 @@ class DiffusionAdapter(nn.Module, ABC):
         """Map images ``(B, 3, H, W)`` in ``[0, 1]`` to the clean sample ``x0 (B, C, h, w)`` in the model's space."""
 
     @abstractmethod
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor) -> Any:
+    def network_output(self, x_t: torch.Tensor, t: torch.Tensor) -> Any:
         """The wrapped network's native output at ``x_t (B, C, h, w)`` and timesteps ``t (B,)`` long.
 
         Returns:
@@ -215,7 +215,7 @@ class DiffusionAdapter(nn.Module, ABC):
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         return [images] if batch_size is None else list(images.split(batch_size))
 
-    def fit_scorer(
+    def fit(
         self, scorer: InversionScorer, normal_images: torch.Tensor, batch_size: int | None = None
     ) -> InversionScorer:
         """Calibrate ``scorer`` (built on this adapter) on defect-free images, each chunk under :meth:`condition`.
@@ -234,7 +234,7 @@ class DiffusionAdapter(nn.Module, ABC):
                 latents.append(scorer.latents(x0))
         return scorer.fit_latents(torch.cat(latents))
 
-    def score_images(self, scorer: InversionScorer, images: torch.Tensor, batch_size: int | None = None) -> ScoreOutput:
+    def score(self, scorer: InversionScorer, images: torch.Tensor, batch_size: int | None = None) -> ScoreOutput:
         """Score images with ``scorer``, each chunk encoded and scored under its own :meth:`condition` block.
 
         The safe way to score an image-conditioned model in chunks: every chunk's latents meet only that
@@ -282,7 +282,7 @@ class DiffusionAdapter(nn.Module, ABC):
         Raises:
             ValueError: timesteps of the wrong shape or out of range, or an output whose shape does not match.
         """
-        return self._eps_of(self.predict, x_t, t)
+        return self._eps_of(self.network_output, x_t, t)
 
     def _eps_of(self, predict: Callable[[torch.Tensor, torch.Tensor], Any], x_t: torch.Tensor, t: Any) -> torch.Tensor:
         """Validate ``t``, call ``predict`` and convert its output to eps (learned sigma: first ``C`` channels)."""

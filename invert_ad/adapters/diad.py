@@ -74,7 +74,7 @@ class DiADAdapter(DiffusionAdapter):
     scoring in ``batch_size`` chunks or a batch of another size, nesting blocks, and calling eps outside a
     block raise errors instead of pairing latents with another image's hint. What no check can see is a
     different batch of the same size scored inside the block: the block yields the latents for that reason.
-    To score in chunks, use :meth:`score_images` / :meth:`fit_scorer`, which condition each chunk on its own
+    To score in chunks, use :meth:`score` / :meth:`fit`, which condition each chunk on its own
     images. :meth:`eps` also takes an explicit ``hint=`` (and ``context=``) for functional use.
 
     Args:
@@ -248,7 +248,7 @@ class DiADAdapter(DiffusionAdapter):
         if hint.shape[0] != x_t.shape[0]:
             raise ValueError(
                 f"eps got a batch of {x_t.shape[0]} latents but the hint holds {hint.shape[0]} images: score the "
-                "conditioned batch whole, or in chunks with adapter.score_images(scorer, images, batch_size=...)"
+                "conditioned batch whole, or in chunks with adapter.score(scorer, images, batch_size=...)"
             )
         expected = tuple(s * self.vae_scale_factor for s in x_t.shape[2:])
         if tuple(hint.shape[2:]) != expected:
@@ -281,9 +281,9 @@ class DiADAdapter(DiffusionAdapter):
             RuntimeError: no hint given and no batch bound.
             ValueError: the hint's batch or size does not match ``x_t``.
         """
-        return self._eps_of(functools.partial(self.predict, hint=hint, context=context), x_t, t)
+        return self._eps_of(functools.partial(self.network_output, hint=hint, context=context), x_t, t)
 
-    def predict(
+    def network_output(
         self, x_t: torch.Tensor, t: torch.Tensor, hint: torch.Tensor | None = None, context: torch.Tensor | None = None
     ) -> torch.Tensor:
         """UNet eps with the guidance residuals of ``hint`` (default: the bound batch)."""

@@ -88,7 +88,7 @@ class MDMAdapter(DiffusionAdapter):
             raise ValueError(f"the encoder gave {x0.shape[1]} channels, the model expects {self.in_channels}")
         return x0
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor) -> Any:
+    def network_output(self, x_t: torch.Tensor, t: torch.Tensor) -> Any:
         """``model(x_t, t, mask_ratio=0.0)`` (teacher) or ``model(x_t, t)`` (``masked=False``)."""
         if self.masked:
             return self.model(x_t, t, mask_ratio=self.MASK_RATIO)

@@ -135,7 +135,7 @@ class PixelAdapter(DiffusionAdapter):
         lo, hi = self.value_range
         return images * (hi - lo) + lo
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor) -> Any:
+    def network_output(self, x_t: torch.Tensor, t: torch.Tensor) -> Any:
         """``model(x_t, t)`` with ``t`` as float32 or int64 (see ``float_timesteps``)."""
         return self.model(x_t, t.float() if self.float_timesteps else t)
 

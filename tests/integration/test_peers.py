@@ -175,11 +175,11 @@ def _invad(peer: Peer) -> None:
     )
     assert list(scorer.grid.call_points) == ref["inversion_timesteps"].tolist()
     out = scorer.score(features)
-    peer.check("latents", out.latents)
+    peer.check("latents", out.latent)
     peer.check("nll", out.components["nll"])
     peer.check("maxmin", out.components["maxmin"])
-    peer.check("hybrid", out.image_scores)
-    maps = F.interpolate(out.anomaly_maps[:, None], size=ref["anomaly_maps"].shape[-2:], mode="bilinear")[:, 0]
+    peer.check("hybrid", out.raw_score)
+    maps = F.interpolate(out.raw_map[:, None], size=ref["anomaly_maps"].shape[-2:], mode="bilinear")[:, 0]
     peer.check("anomaly_maps", maps)
     scorer64 = InversionScorer(model.double(), scheduler, timesteps=f"official:{steps}", scoring="nll")
     with torch.no_grad():
@@ -205,10 +205,10 @@ def _score_end_to_end(adapter: Any, images: torch.Tensor) -> None:
         scorer.fit(x0)
     with adapter.condition(images) as x0:
         out = scorer.score(x0)
-    assert out.image_scores.shape == (len(images),) and torch.isfinite(out.image_scores).all()
-    pixel = adapter.to_pixel_map(out.anomaly_maps, images.shape[-2:])
+    assert out.raw_score.shape == (len(images),) and torch.isfinite(out.raw_score).all()
+    pixel = adapter.to_pixel_map(out.raw_map, images.shape[-2:])
     assert pixel.shape == (len(images), *images.shape[-2:]) and torch.isfinite(pixel).all()
-    assert math.isfinite(float(out.latents.abs().max()))
+    assert math.isfinite(float(out.latent.abs().max()))
 
 
 @pytest.mark.skipif(not FOLDERS, reason=f"no peer folders under {PEERS} (set INVERT_AD_PEERS)")

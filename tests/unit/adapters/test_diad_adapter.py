@@ -115,13 +115,13 @@ def test_to_pixel_map_from_32_to_256(adapter):
 
 def test_chunked_scoring_conditions_each_chunk_on_its_own_images(adapter):
     scorer = InversionScorer(adapter, adapter.scheduler, timesteps="paper", scoring="hybrid")
-    assert adapter.fit_scorer(scorer, latent_images(4, seed=2), batch_size=3) is scorer
+    assert adapter.fit(scorer, latent_images(4, seed=2), batch_size=3) is scorer
     images = latent_images(3)
-    whole = adapter.score_images(scorer, images)
-    chunked = adapter.score_images(scorer, images, batch_size=2)
+    whole = adapter.score(scorer, images)
+    chunked = adapter.score(scorer, images, batch_size=2)
     torch.testing.assert_close(chunked.latent, whole.latent, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunked.raw_score, whole.raw_score, atol=1e-4, rtol=1e-5)
     assert chunked.raw_map.shape == (3, LATENT_SIZE, LATENT_SIZE)
     assert set(chunked.components) == set(whole.components) and chunked.components["nll"].shape == (3,)
     with pytest.raises(ValueError, match="batch_size"):
-        adapter.score_images(scorer, images, batch_size=0)
+        adapter.score(scorer, images, batch_size=0)
