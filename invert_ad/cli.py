@@ -160,17 +160,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("timesteps", args.timesteps), ("scoring", args.scoring)) if v is not None}
     if "scoring" in overrides:
         print("note: a new --scoring is calibrated on nothing; prefer the saved scorer", file=sys.stderr)
-    detector = AnomalyDetector.from_pretrained(args.model, device=args.device, **overrides)
+    detector = _with_engine(args, AnomalyDetector.from_pretrained(args.model, device=args.device, **overrides))
     report = _evaluate(args, detector, args.data, args.out)
     print(json.dumps(_summary(report), indent=2))
     return 0
 
 
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    from .engines import ENGINES
+
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="torch",
+        help="run the scoring path in PyTorch, or exported to ONNX Runtime / OpenVINO (CPU; checked against "
+        "PyTorch when loaded)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="engine threads (default: the CPUs this process may use)")
+
+
+def _with_engine(args: argparse.Namespace, detector: Any) -> Any:
+    """The detector itself for ``--engine torch``, else an :class:`~invert_ad.engines.EngineDetector`."""
+    if args.engine == "torch":
+        return detector
+    from .engines import EngineDetector, load_engine
+
+    return EngineDetector(detector, load_engine(detector, args.engine, threads=args.threads))
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_paths
 
+    model = args.model
+    if args.engine != "torch":
+        from .pipeline import AnomalyDetector
+
+        model = _with_engine(args, AnomalyDetector.from_pretrained(args.model, device=args.device))
     written = predict_paths(
-        args.model,
+        model,
         args.inputs,
         args.out,
         maps_dir=args.maps_dir,
@@ -270,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None)
     _add_eval_args(p)
     _add_speed_args(p)
+    _add_engine_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="score images or folders: per-image score, label, map, mask")
@@ -281,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     _add_speed_args(p)
+    _add_engine_args(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="the main job on a built-in dataset (ELPV solar cells) or --data")
