@@ -87,7 +87,21 @@ def test_bad_engine_arguments_are_named(gaussian_stand_in):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", NATIVE)
+@pytest.mark.parametrize(
+    "engine",
+    [
+        "onnxruntime",
+        pytest.param(
+            "openvino",
+            marks=pytest.mark.xfail(
+                raises=EngineMismatchError,
+                strict=True,
+                reason="OpenVINO 2026.4 miscomputes the 192-channel Gaussian eps graph (relative error 3.9 on the "
+                "denoiser alone, ONNX Runtime 1e-6; the bmm and alpha-bar pieces alone agree): load_engine refuses it",
+            ),
+        ),
+    ],
+)
 def test_engine_matches_python_on_real_images(make_detector, tire_images, engine):
     """The default detector's path (lite0 features, Gaussian, hybrid on the paper grid) on real tire images."""
     _require(engine)
