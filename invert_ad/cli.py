@@ -188,6 +188,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     detector = AnomalyDetector.from_pretrained(args.model, device=args.device, **overrides)
     if overrides:  # the saved fit and thresholds belong to the saved settings: refit them on normal images
         _refit(detector, args)
+    detector = _with_engine(args, detector)
     if len(args.data) > 1:  # the unified setting: one model, a table per category and their mean
         from .evaluation import evaluate_categories
 
@@ -217,11 +218,38 @@ def _refit(detector: Any, args: argparse.Namespace) -> None:
     detector.fit(images, fpr=args.fpr, progress=not args.quiet)
 
 
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    from .engines import ENGINES
+
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="torch",
+        help="run the scoring path in PyTorch, or exported to ONNX Runtime / OpenVINO (CPU; checked against "
+        "PyTorch when loaded)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="engine threads (default: the CPUs this process may use)")
+
+
+def _with_engine(args: argparse.Namespace, detector: Any) -> Any:
+    """The detector itself for ``--engine torch``, else an :class:`~invert_ad.engines.EngineDetector`."""
+    if args.engine == "torch":
+        return detector
+    from .engines import EngineDetector, load_engine
+
+    return EngineDetector(detector, load_engine(detector, args.engine, threads=args.threads))
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict_files import predict_paths
 
+    model = args.model
+    if args.engine != "torch":
+        from .detector import AnomalyDetector
+
+        model = _with_engine(args, AnomalyDetector.from_pretrained(args.model, device=args.device))
     written = predict_paths(
-        args.model,
+        model,
         args.inputs,
         args.out,
         maps_dir=args.maps_dir,
@@ -338,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None)
     _add_eval_args(p)
     _add_speed_args(p)
+    _add_engine_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="score images or folders: per-image score, label, map, mask")
@@ -349,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     _add_speed_args(p)
+    _add_engine_args(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="the main job on a built-in dataset (ELPV solar cells) or --data")

@@ -327,6 +327,11 @@ class AnomalyDetector:
         )
         return self
 
+    def _score_with_domain(self, images: torch.Tensor, batch_size: int) -> tuple[ScoreOutput, torch.Tensor]:
+        """Raw scores (maps at ``S x S``) and the :func:`~invert_ad.calibration.domain_scores` ``(B,)`` of images."""
+        features = self._features(images, None, batch_size)
+        return self.score_features(features, batch_size), domain_scores(features).cpu()
+
     # ------------------------------------------------------------------ decisions
     def predict(
         self, images: torch.Tensor, *, threshold: float = 0.5, batch_size: int = 32, warn: bool = True
@@ -343,12 +348,10 @@ class AnomalyDetector:
             NotFittedError: the detector has no calibration (call :meth:`fit`).
         """
         calibration = self.calibration
-        features = self._features(images, None, batch_size)
-        out = self.score_features(features, batch_size)
+        out, domain = self._score_with_domain(images, batch_size)
         pred_score = calibration.normalize_scores(out.raw_score)
         pred_label = pred_score > threshold
         anomaly_map = calibration.normalize_maps(out.raw_map)
-        domain = domain_scores(features).cpu()
         in_domain = calibration.in_domain(domain)
         if warn and not bool(in_domain.all()):
             warnings.warn(

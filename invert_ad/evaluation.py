@@ -114,21 +114,31 @@ def evaluate_detector(
         ``defect_type``.
     """
     dataset = open_dataset(data, "test", detector.image_size)
-    low_precision = detector.backbone_autocast_dtype
-    cache = None if low_precision is not None else FeatureCache(cache_dir or default_cache_dir())
-    with autocast(detector.device, low_precision):
-        raw, paths = cached_features(
-            detector.feature_extractor, dataset, cache, batch_size=batch_size, progress=progress
+    engine = getattr(detector, "engine", None)  # an invert_ad.engines.EngineDetector scores images end to end
+    if engine is not None:
+        if transductive:
+            raise ValueError(
+                f"transductive normalisation needs the score components, which the {engine.name} "
+                "engine does not give: evaluate with the torch engine"
+            )
+        scores, maps, paths = detector.score_dataset(dataset, batch_size=batch_size, progress=progress)
+        labels, masks, records, has_masks = _masks(dataset, paths)
+    else:
+        low_precision = detector.backbone_autocast_dtype
+        cache = None if low_precision is not None else FeatureCache(cache_dir or default_cache_dir())
+        with autocast(detector.device, low_precision):
+            raw, paths = cached_features(
+                detector.feature_extractor, dataset, cache, batch_size=batch_size, progress=progress
+            )
+        labels, masks, records, has_masks = _masks(dataset, paths)
+        features = detector.standardize(raw.to(detector.device))
+        scored = ScoreOutput.cat(
+            [
+                detector.score_features(chunk, batch_size)
+                for chunk in tqdm(features.split(batch_size), desc="scoring", disable=not progress, unit="batch")
+            ]
         )
-    labels, masks, records, has_masks = _masks(dataset, paths)
-    features = detector.standardize(raw.to(detector.device))
-    scored = ScoreOutput.cat(
-        [
-            detector.score_features(chunk, batch_size)
-            for chunk in tqdm(features.split(batch_size), desc="scoring", disable=not progress, unit="batch")
-        ]
-    )
-    scores, maps = scored.raw_score, scored.raw_map
+        scores, maps = scored.raw_score, scored.raw_map
     if transductive:
         if not {"nll", "maxmin"} <= set(scored.components):
             raise ValueError("transductive normalisation needs a hybrid-style scorer (nll and maxmin components)")
@@ -150,6 +160,9 @@ def evaluate_detector(
         "device": str(detector.device),
         "dtype": str(param.dtype if param is not None else torch.float32).replace("torch.", ""),
         "inference": detector.inference_settings(),
+        "engine": {"name": engine.name, "threads": engine.threads, "check_max_rel_diff": engine.check}
+        if engine is not None
+        else {"name": "torch"},
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "invert_ad_version": __version__,

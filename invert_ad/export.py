@@ -36,6 +36,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from ._version import __version__
+from .calibration import domain_scores
 from .detector import AnomalyDetector
 from .io import atomic_write_bytes
 from .scoring import upsample_maps
@@ -51,6 +52,8 @@ __all__ = [
     "export_program",
     "export_torch",
     "load_torch",
+    "onnx_bytes",
+    "trace_images",
 ]
 
 INPUT_NAME = "images"
@@ -161,12 +164,21 @@ class ExportableDetector(nn.Module):
             ``raw_map`` ``(B, S, S)`` upsampled bilinearly, as in :class:`~invert_ad.DetectorOutput`; higher is more
             anomalous in all three.
         """
+        raw, grid_maps, _ = self.raw_outputs(images)
+        maps = upsample_maps(grid_maps, (self.image_size, self.image_size))
+        return raw, self.detector.calibration.normalize_scores(raw).float(), maps
+
+    def raw_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``raw_score`` ``(B,)``, ``raw_map`` on the feature grid ``(B, h, w)`` and the images'
+        :func:`~invert_ad.calibration.domain_scores` ``(B,)``, all float32.
+
+        What :meth:`forward` computes before upsampling and calibration (the engines of
+        :mod:`invert_ad.engines` export this, so that maps can be resized to each image's original size once).
+        """
         detector = self.detector
         features = detector.standardize(self.feature_extractor(images))
         result = detector.scorer.statistic.score(self.latents(features))
-        raw = result.raw_score.float()
-        maps = upsample_maps(result.raw_map, (self.image_size, self.image_size))
-        return raw, detector.calibration.normalize_scores(raw).float(), maps
+        return result.raw_score.float(), result.raw_map.float(), domain_scores(features).float()
 
     def extra_repr(self) -> str:
         scorer = self.detector.scorer
@@ -199,8 +211,15 @@ def export_program(detector: AnomalyDetector, images: torch.Tensor | None = None
     Raises:
         ValueError: the detector cannot be exported, or a module on the path branches on tensor values.
     """
-    module = ExportableDetector(detector)
-    example = _example_images(detector, images)
+    return trace_images(ExportableDetector(detector), _example_images(detector, images))
+
+
+def trace_images(module: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """``torch.export`` of a module taking images ``(B, 3, S, S)``, the batch axis dynamic.
+
+    Raises:
+        ValueError: a module on the path branches on tensor values (named with its file and line).
+    """
     batch = torch.export.Dim("batch", min=1)
     try:
         return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
@@ -330,6 +349,39 @@ def _onnx_runtime() -> Any:
     return onnxruntime
 
 
+def onnx_bytes(
+    program: torch.export.ExportedProgram,
+    example: torch.Tensor,
+    output_names: tuple[str, ...],
+    opset: int = DEFAULT_OPSET,
+    metadata: dict[str, str] | None = None,
+) -> bytes:
+    """Convert a traced image program (see :func:`trace_images`) to a serialised ONNX model.
+
+    Args:
+        program: the traced program.
+        example: the images it was traced on.
+        output_names: names of the program's outputs, in order.
+        opset: the ONNX opset.
+        metadata: string properties stored in the model.
+
+    Returns:
+        The model's bytes: input ``images`` with the batch axis named ``batch``.
+    """
+    onnx_program = torch.onnx.export(
+        program,
+        (example,),
+        input_names=[INPUT_NAME],
+        output_names=list(output_names),
+        opset_version=opset,
+        dynamo=True,
+        verbose=False,
+    )
+    onnx_program.rename_axes({onnx_program.model.graph.inputs[0].shape[0]: "batch"})
+    onnx_program.model.metadata_props.update(metadata or {})
+    return onnx_program.model_proto.SerializeToString()
+
+
 def export_onnx(
     detector: AnomalyDetector,
     path: str | os.PathLike,
@@ -364,19 +416,7 @@ def export_onnx(
     """
     onnxruntime = _onnx_runtime()
     images = _example_images(detector, check_images)
-    program = export_program(detector, images)
-    onnx_program = torch.onnx.export(
-        program,
-        (images,),
-        input_names=[INPUT_NAME],
-        output_names=list(OUTPUT_NAMES),
-        opset_version=opset,
-        dynamo=True,
-        verbose=False,
-    )
-    onnx_program.rename_axes({onnx_program.model.graph.inputs[0].shape[0]: "batch"})
-    onnx_program.model.metadata_props.update(_metadata(detector))
-    data = onnx_program.model_proto.SerializeToString()
+    data = onnx_bytes(export_program(detector, images), images, OUTPUT_NAMES, opset, _metadata(detector))
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     outputs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.cpu().numpy()})
     return _write_checked(path, "onnx", data, outputs, detector, images, tolerance)

@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"calibration"},  # thresholds, normalisation, domain check
     {"detector"},  # AnomalyDetector: images -> decisions
     {"metrics"},  # the field's metrics
-    {"adapters", "training", "evaluation", "predict_files", "export", "viz"},  # the edge
+    {"adapters", "training", "evaluation", "predict_files", "export", "engines", "viz"},  # the edge
     {"cli", "__init__"},  # entry points
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
@@ -38,6 +38,7 @@ EDGE_MAY_USE = {
     "predict_files": set(),
     "export": set(),
     "viz": set(),
+    "engines": {"export"},
 }
 """Which edge modules an edge module may import (the rest of the edge is off limits: e.g. no evaluation ->
 training)."""

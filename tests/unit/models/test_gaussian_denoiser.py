@@ -187,3 +187,62 @@ def test_gaussian_residual_rejects_conflicting_residual_config() -> None:
         GaussianResidualDenoiser(4, 2, residual_kind="mlp", residual_config={"learn_sigma": True})
     with pytest.raises(ValueError, match="residual_kind"):
         GaussianResidualDenoiser(in_channels=4, sample_size=2, residual_kind="unet")
+
+
+def _closed_form_eps(features: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """eps* = sqrt(1 - a) (a Sigma + (1 - a) I)^-1 (x_t - sqrt(a) mu) per position, Sigma by sklearn's LedoitWolf."""
+    ab = _alphas_cumprod_numpy()
+    feats = features.double().numpy()
+    out = np.zeros(x_t.shape)
+    for i in range(x_t.shape[2]):
+        for j in range(x_t.shape[3]):
+            samples = feats[:, :, i, j]
+            mu, sigma = samples.mean(axis=0), LedoitWolf().fit(samples).covariance_
+            for b, step in enumerate(t.tolist()):
+                a = ab[step]
+                system = a * sigma + (1 - a) * np.eye(sigma.shape[0])
+                rhs = x_t[b, :, i, j].double().numpy() - np.sqrt(a) * mu
+                out[b, :, i, j] = np.sqrt(1 - a) * np.linalg.solve(system, rhs)
+    return torch.from_numpy(out)
+
+
+def test_cached_operator_path_equals_the_rotations_and_the_closed_form(train_features: torch.Tensor) -> None:
+    """A batch at one timestep runs one product with the cached M_t; mixed batches rotate by U twice: both exact."""
+    model = GaussianDenoiser.fit(train_features)
+    x = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(5))
+    for step in (0, 333, 999):
+        t = torch.full((3,), step)
+        with torch.inference_mode():
+            cached = model(x, t).sample
+        assert step in model._operators  # built on first use, kept
+        with torch.inference_mode():
+            assert torch.equal(model(x, t).sample, cached)  # reused
+        mixed = model(torch.cat([x, x]), torch.tensor([step] * 3 + [(step + 1) % 1000] * 3)).sample[:3]
+        expected = _closed_form_eps(train_features, x, t)
+        torch.testing.assert_close(cached.double(), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mixed.double(), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cached, mixed, rtol=1e-5, atol=1e-6)
+    vectors = model.eigenvectors.double()
+    operator = model.operator(333)
+    torch.testing.assert_close(operator, operator.mT)
+    torch.testing.assert_close(  # M_t shares the eigenvectors, with the closed-form gains as eigenvalues
+        vectors.mT @ operator @ vectors,
+        torch.diag_embed(
+            (1 - model.alphas_cumprod[333]).sqrt()
+            / (model.alphas_cumprod[333] * model.eigenvalues.double() + 1 - model.alphas_cumprod[333])
+        ),
+    )
+
+
+def test_operator_cache_is_bounded_and_follows_the_statistics(train_features: torch.Tensor) -> None:
+    model = GaussianDenoiser.fit(train_features)
+    other = GaussianDenoiser.fit(train_features[: len(train_features) // 2])
+    x = torch.randn(2, 8, 4, 4)
+    for step in range(model.max_cached_operators + 2):
+        model(x, step)
+    assert sorted(model._operators) == list(range(model.max_cached_operators))
+    torch.testing.assert_close(model(x, 5).sample, _closed_form_eps(train_features, x, torch.full((2,), 5)).float())
+    model.load_state_dict(other.state_dict())  # new statistics: the cached matrices must not be reused
+    assert torch.equal(model(x, 0).sample, other(x, 0).sample)
+    assert list(model._operators) == [0]
+    assert torch.equal(model.double()(x.double(), 1).sample, other.double()(x.double(), 1).sample)
