@@ -165,7 +165,8 @@ class ExportableDetector(nn.Module):
         features = detector.standardize(self.feature_extractor(images))
         result = detector.scorer.scorer.score(self.latents(features))
         raw = result.image_scores.float()
-        maps = upsample_maps(result.anomaly_maps, (self.image_size, self.image_size))
+        grid_maps = detector.scorer.final_maps(features, result.anomaly_maps)
+        maps = upsample_maps(grid_maps, (self.image_size, self.image_size))
         return raw, detector.calibration.normalize_image_scores(raw), maps
 
     def extra_repr(self) -> str:

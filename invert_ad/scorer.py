@@ -27,6 +27,7 @@ from .scoring import Scorer, create_scorer, scorer_class
 
 CONFIG_NAME = "scorer_config.json"
 STATE_NAME = "scorer_state.safetensors"
+MAP_STATISTIC_DIR = "map_statistic"
 
 __all__ = ["InversionScorer", "ScoreOutput", "first_tensor"]
 
@@ -82,6 +83,9 @@ class InversionScorer:
         compile_mode: ``torch.compile`` the whole latent computation (all network calls and ODE updates of a
             batch in one graph) with this mode; ``"reduce-overhead"`` replays it as one CUDA graph on a GPU.
             See :mod:`invert_ad.acceleration`. Neither this nor ``autocast_dtype`` is saved.
+        map_statistic: a fitted statistic of the features, ``f(features (B, C, h, w)) -> (B, h, w)``, that forms
+            the anomaly maps instead of the scorer's latent map (the image score still comes from the latent),
+            e.g. :class:`~invert_ad.scoring.feature_maps.MahalanobisMap`. Saved with the model.
 
     Example:
         >>> scorer = InversionScorer(unet, DDPMScheduler(), timesteps="paper", scoring="hybrid")
@@ -102,6 +106,7 @@ class InversionScorer:
         reconstruction_seed: int = 0,
         autocast_dtype: torch.dtype | str | None = None,
         compile_mode: str | None = None,
+        map_statistic: Any | None = None,
     ) -> None:
         if not callable(denoiser):
             raise TypeError(f"denoiser must be a model or a callable f(x, t), got {type(denoiser).__name__}")
@@ -130,6 +135,9 @@ class InversionScorer:
         self.autocast_dtype = check_autocast_dtype(autocast_dtype)
         self._eps_fn = make_eps_fn(denoiser, self.alphas_cumprod, self.prediction_type)
         self.compile(compile_mode)
+        if map_statistic is not None and not callable(map_statistic):
+            raise TypeError(f"map_statistic must be callable on features, got {type(map_statistic).__name__}")
+        self.map_statistic = map_statistic
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -294,7 +302,14 @@ class InversionScorer:
         self.scorer.check_is_fitted()
         z = self.latents(features, batch_size)
         result = self.scorer.score(z)
-        return ScoreOutput(result.image_scores.float(), result.anomaly_maps.float(), z, result.components)
+        maps = self.final_maps(self._check_features(features), result.anomaly_maps)
+        return ScoreOutput(result.image_scores.float(), maps.float(), z, result.components)
+
+    def final_maps(self, features: torch.Tensor, latent_maps: torch.Tensor) -> torch.Tensor:
+        """The anomaly maps ``(B, h, w)``: ``map_statistic(features)`` when one is set, else ``latent_maps``."""
+        if self.map_statistic is None:
+            return latent_maps
+        return self.map_statistic(features).to(latent_maps.device)
 
     # ------------------------------------------------------------------ persistence
     def get_config(self) -> dict[str, Any]:
@@ -308,6 +323,7 @@ class InversionScorer:
             "reconstruction_timestep": self.reconstruction_timestep,
             "reconstruction_steps": self.reconstruction_steps,
             "reconstruction_seed": self.reconstruction_seed,
+            "map_statistic": None if self.map_statistic is None else self.map_statistic.get_config(),
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
@@ -329,6 +345,8 @@ class InversionScorer:
         self.denoiser.save_pretrained(folder / "denoiser", safe_serialization=True)
         self.scheduler.save_pretrained(folder / "scheduler")
         atomic_save_tensors(self.scorer.state_dict(), folder / STATE_NAME)
+        if self.map_statistic is not None:
+            self.map_statistic.save_pretrained(folder / MAP_STATISTIC_DIR)
         atomic_write_json(folder / CONFIG_NAME, self.get_config())
         return folder
 
@@ -390,6 +408,10 @@ class InversionScorer:
             scorer = scorer_class(spec["class"])(**spec["config"])
             scorer.load_state_dict(load_tensors(folder / STATE_NAME))
             kwargs["scoring"] = scorer
+        if config.get("map_statistic") and "map_statistic" not in overrides:
+            from .scoring.feature_maps import load_map_statistic
+
+            kwargs["map_statistic"] = load_map_statistic(config["map_statistic"], folder / MAP_STATISTIC_DIR, device)
         kwargs.update(overrides)
         return cls(denoiser, scheduler, **kwargs)
 

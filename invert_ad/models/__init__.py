@@ -12,6 +12,7 @@ from .dit import DIT_PRESETS, FeatureDiT
 from .gaussian import GaussianDenoiser, ledoit_wolf
 from .mlp import MLPDenoiser
 from .residual import GaussianResidualDenoiser
+from .shared_gaussian import SharedGaussianDenoiser, covariance_bytes, fit_neighbourhood_gaussian, whiten
 
 __all__ = [
     "DIT_PRESETS",
@@ -21,9 +22,13 @@ __all__ = [
     "GaussianDenoiser",
     "GaussianResidualDenoiser",
     "MLPDenoiser",
+    "SharedGaussianDenoiser",
+    "covariance_bytes",
     "create_denoiser",
+    "fit_neighbourhood_gaussian",
     "ledoit_wolf",
     "list_denoisers",
     "load_denoiser",
     "register_denoiser",
+    "whiten",
 ]

@@ -5,6 +5,9 @@ Built-in presets:
 - ``dit-s``, ``dit-b``, ``dit-g``: :class:`FeatureDiT` (small CPU model, InvAD's DiT-base and DiT-gigant);
 - ``mlp``: :class:`MLPDenoiser`; ``conv``: :class:`ConvDenoiser`;
 - ``gaussian``: :class:`GaussianDenoiser` fitted on training features;
+- ``gaussian-shared``: :class:`SharedGaussianDenoiser`, one Gaussian for all positions (parts not aligned);
+- ``gaussian-window``: :class:`GaussianDenoiser` with statistics pooled over a ``window x window``
+  neighbourhood of each position (:func:`~invert_ad.models.shared_gaussian.fit_neighbourhood_gaussian`);
 - ``gaussian-residual-dit``, ``gaussian-residual-mlp``, ``gaussian-residual-conv``:
   :class:`GaussianResidualDenoiser` around a fitted Gaussian (residual ``dit-s``, ``mlp`` or ``conv``).
 
@@ -28,6 +31,7 @@ from .dit import DIT_PRESETS, FeatureDiT
 from .gaussian import GaussianDenoiser
 from .mlp import MLPDenoiser
 from .residual import RESIDUAL_KINDS, GaussianResidualDenoiser
+from .shared_gaussian import SharedGaussianDenoiser, fit_neighbourhood_gaussian
 
 __all__ = ["create_denoiser", "list_denoisers", "load_denoiser", "register_denoiser"]
 
@@ -37,7 +41,15 @@ DenoiserFactory = Callable[..., ModelMixin]
 _DENOISERS: dict[str, DenoiserFactory] = {}
 
 _CLASSES: dict[str, type[ModelMixin]] = {
-    cls.__name__: cls for cls in (FeatureDiT, MLPDenoiser, ConvDenoiser, GaussianDenoiser, GaussianResidualDenoiser)
+    cls.__name__: cls
+    for cls in (
+        FeatureDiT,
+        MLPDenoiser,
+        ConvDenoiser,
+        GaussianDenoiser,
+        GaussianResidualDenoiser,
+        SharedGaussianDenoiser,
+    )
 }
 
 
@@ -119,8 +131,10 @@ def _fit_gaussian(
     in_channels: int,
     grid_size: int | tuple[int, int],
     features: torch.Tensor | None = None,
+    *,
+    fit: Callable[..., ModelMixin] = GaussianDenoiser.fit,
     **fit_kwargs: Any,
-) -> GaussianDenoiser:
+) -> ModelMixin:
     if features is None:
         raise ValueError("Gaussian presets are fitted on training features: pass features=train_features (N, C, h, w)")
     expected = (in_channels, *grid_hw(grid_size))
@@ -128,7 +142,7 @@ def _fit_gaussian(
         raise ValueError(
             f"features must have shape (N, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(features.shape)}"
         )
-    return GaussianDenoiser.fit(features, **fit_kwargs)
+    return fit(features, **fit_kwargs)
 
 
 RESIDUAL_PRESETS: dict[str, dict[str, Any]] = {
@@ -158,5 +172,7 @@ for _name, _preset in DIT_PRESETS.items():
 register_denoiser("mlp", functools.partial(_build_network, MLPDenoiser, {}))
 register_denoiser("conv", functools.partial(_build_network, ConvDenoiser, {}))
 register_denoiser("gaussian", _fit_gaussian)
+register_denoiser("gaussian-shared", functools.partial(_fit_gaussian, fit=SharedGaussianDenoiser.fit))
+register_denoiser("gaussian-window", functools.partial(_fit_gaussian, fit=fit_neighbourhood_gaussian))
 for _kind in RESIDUAL_KINDS:
     register_denoiser(f"gaussian-residual-{_kind}", functools.partial(_fit_gaussian_residual, _kind))

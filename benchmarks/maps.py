@@ -1,0 +1,268 @@
+"""Which statistic should form the anomaly map, and which the image score? An exploration on cached features.
+
+For every category and feature grid (16 x 16: lite0 blocks 1..4 resized to stride 16, today's default;
+32 x 32: the same blocks resized to stride 8) this fits, on the training split of
+:func:`invert_ad.training.train_detector`, Gaussian priors of three kinds:
+
+* ``position``: one Gaussian per grid position (:class:`~invert_ad.models.GaussianDenoiser`, today's default);
+* ``window<k>``: per position, with statistics pooled over a ``k x k`` neighbourhood
+  (:func:`~invert_ad.models.shared_gaussian.fit_neighbourhood_gaussian`);
+* ``shared``: one Gaussian for all positions (:class:`~invert_ad.models.SharedGaussianDenoiser`);
+
+and reads two statistics from each:
+
+* ``mahalanobis``: the channel norm of the whitened features (no network call): the PaDiM statistic for
+  ``position``; image score = the map's maximum;
+* ``inversion``: DDIM inversion with the prior's exact eps on the paper grid (3 calls); image score = the hybrid
+  (calibrated on the held-out normal images), map = the latent's channel norm.
+
+Then it pairs image scores and maps of different statistics (``image from A, map from B``), and adds sums of
+image scores standardised on the held-out normal images. Maps are upsampled bilinearly to 256 px and scored with
+the library's exact metrics (:func:`invert_ad.metrics.evaluate_metrics`), masks at 256 px.
+
+Command that produced ``benchmarks/results/maps.json``::
+
+    /work/bin/heavy .venv/bin/python benchmarks/maps.py --threads 1 --out benchmarks/results/maps.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from invert_ad.metrics import evaluate_metrics
+from invert_ad.models import GaussianDenoiser
+from invert_ad.models.shared_gaussian import SharedGaussianDenoiser, fit_neighbourhood_gaussian, whiten
+from invert_ad.scorer import InversionScorer
+from invert_ad.scoring import norm_map
+
+from common import (
+    DEFAULT_CACHE_DIR,
+    RESULTS_DIR,
+    CategoryFeatures,
+    add_threads_argument,
+    evaluate_maps,
+    load_category,
+    markdown_table,
+    parse_args,
+    run_info,
+    write_results,
+)
+
+IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1max")
+PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
+
+
+def fit_prior(kind: str, train: torch.Tensor) -> torch.nn.Module:
+    """``position``, ``shared`` or ``window<k>`` Gaussian prior fitted on ``train`` ``(N, C, h, w)``."""
+    if kind == "position":
+        return GaussianDenoiser.fit(train)
+    if kind == "shared":
+        return SharedGaussianDenoiser.fit(train)
+    if kind.startswith("window"):
+        return fit_neighbourhood_gaussian(train, int(kind.removeprefix("window")))
+    raise ValueError(f"unknown prior {kind!r}")
+
+
+def local_average(category: CategoryFeatures, kernel: int) -> CategoryFeatures:
+    """PatchCore's neighbourhood aggregation: every feature averaged over a ``kernel x kernel`` window
+    (stride 1, windows clipped at the border), applied to the training, held-out and test features."""
+    if kernel == 1:
+        return category
+
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+
+    return dataclasses.replace(
+        category, train=pool(category.train), holdout=pool(category.holdout), test=pool(category.test)
+    )
+
+
+def standardised(score: torch.Tensor, holdout: torch.Tensor) -> torch.Tensor:
+    """``score`` z-scored with the mean and standard deviation of the held-out normal images' scores."""
+    return (score - holdout.mean()) / holdout.std().clamp_min(1e-12)
+
+
+def explore(
+    category: CategoryFeatures, grid: str, priors: list[str], combine: list[str], map_combine: list[str]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows (metrics and timings) of every statistic and pairing on one category and grid."""
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False
+    )
+    images: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}  # name -> (test, holdout scores, calls)
+    maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (test, holdout maps)
+    seconds: dict[str, float] = {}
+    for kind in priors:
+        start = time.perf_counter()
+        prior = fit_prior(kind, category.train)
+        seconds[f"fit {kind}"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        test_map = norm_map(whiten(prior, category.test))
+        holdout_map = norm_map(whiten(prior, category.holdout))
+        seconds[f"{kind}/mahalanobis"] = time.perf_counter() - start
+        maps[f"{kind}/mahalanobis"] = (test_map, holdout_map)
+        images[f"{kind}/mahalanobis max"] = (test_map.flatten(1).amax(1), holdout_map.flatten(1).amax(1), 0)
+
+        start = time.perf_counter()
+        scorer = InversionScorer(prior, scheduler, timesteps="paper", scoring="hybrid").fit(category.holdout)
+        out = scorer.score(category.test, batch_size=64)
+        held = scorer.score(category.holdout, batch_size=64)
+        seconds[f"{kind}/inversion"] = time.perf_counter() - start
+        maps[f"{kind}/inversion"] = (out.anomaly_maps, held.anomaly_maps)
+        images[f"{kind}/inversion hybrid"] = (out.image_scores, held.image_scores, scorer.nfe)
+        images[f"{kind}/inversion max"] = (out.anomaly_maps.flatten(1).amax(1), held.anomaly_maps.flatten(1).amax(1), 3)
+        del prior, scorer
+
+    for spec in map_combine:  # "a+b": sum of maps standardised with the held-out maps' pixel values
+        parts = spec.split("+")
+        if all(p in maps for p in parts):
+            test = sum(standardised(maps[p][0].double(), maps[p][1].double()).float() for p in parts)
+            held = sum(standardised(maps[p][1].double(), maps[p][1].double()).float() for p in parts)
+            maps[spec] = (test, held)
+            images[f"{spec} max"] = (test.flatten(1).amax(1), held.flatten(1).amax(1), 3)
+    for spec in combine:  # "a+b": sum of standardised image scores
+        parts = spec.split("+")
+        if not all(p in images for p in parts):
+            continue
+        test = sum(standardised(images[p][0].double(), images[p][1].double()) for p in parts)
+        held = sum(standardised(images[p][1].double(), images[p][1].double()) for p in parts)
+        images[spec] = (test, held, max(images[p][2] for p in parts))
+
+    labels = category.labels
+    image_metrics = {name: evaluate_metrics(score.double().numpy(), labels) for name, (score, _, _) in images.items()}
+    pixel_metrics = {}
+    for name, (grid_maps, _) in maps.items():
+        values = evaluate_maps(torch.zeros(len(labels)), grid_maps, category)
+        pixel_metrics[name] = {k: values[k] for k in PIXEL_KEYS}
+
+    rows = []
+    for image_name, (_, _, calls) in images.items():
+        for map_name in maps:
+            metrics = {**{k: image_metrics[image_name][k] for k in IMAGE_KEYS}, **pixel_metrics[map_name]}
+            rows.append(
+                {
+                    "category": category.name,
+                    "grid": grid,
+                    "image score": image_name,
+                    "map": map_name,
+                    "calls": calls,
+                    **metrics,
+                }
+            )
+    timing = {"category": category.name, "grid": grid, **{k: round(v, 2) for k, v in seconds.items()}}
+    return rows, timing
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The report: one table per category and grid."""
+    lines = [
+        "# Map and image statistics on cached lite0 features",
+        "",
+        f"Command: `{result['run']['command']}`  ",
+        f"commit `{result['run']['git_commit']}`, {result['run']['machine']['torch_threads']} thread(s).",
+        "",
+        "Every image score is paired with every map; I-AUROC depends on the image score only, P-AUROC and",
+        "AU-PRO on the map only. `+` sums image scores z-scored on the held-out normal images.",
+        "",
+    ]
+    for key in sorted({(r["category"], r["grid"]) for r in result["rows"]}):
+        rows = [r for r in result["rows"] if (r["category"], r["grid"]) == key]
+        lines += [f"## {key[0]}, grid {key[1]}", ""]
+        maps = sorted({r["map"] for r in rows})
+        lines += [
+            "Maps:",
+            "",
+            markdown_table([_first(rows, m) for m in maps], ["map", "pixel_auroc", "aupro", "pixel_ap"]),
+        ]
+        scores = sorted({r["image score"] for r in rows})
+        lines += [
+            "Image scores:",
+            "",
+            markdown_table(
+                [_first(rows, None, s) for s in scores], ["image score", "calls", "image_auroc", "image_ap"]
+            ),
+        ]
+    lines += ["## Seconds (fit, score test + held-out)", ""]
+    for timing in result["timings"]:
+        lines.append(
+            f"- {timing['category']} {timing['grid']}: "
+            + ", ".join(f"{k} {v}" for k, v in timing.items() if k not in ("category", "grid"))
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _first(rows: list[dict[str, Any]], map_name: str | None, score: str | None = None) -> dict[str, Any]:
+    for r in rows:
+        if (map_name is None or r["map"] == map_name) and (score is None or r["image score"] == score):
+            return r
+    raise KeyError(map_name or score)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: explore every category and grid given."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", nargs="+", type=Path, default=None, help="MVTec-layout category folders")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "maps.json", help="JSON result file")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="shared feature cache")
+    parser.add_argument("--grids", nargs="+", type=int, default=[16, 32], help="feature grid sides")
+    parser.add_argument(
+        "--pools", nargs="+", type=int, default=[1], help="local averaging windows of the features (1: none)"
+    )
+    parser.add_argument(
+        "--priors", nargs="+", default=["position", "window3", "window5", "shared"], help="Gaussian priors"
+    )
+    parser.add_argument(
+        "--combine",
+        nargs="*",
+        default=[
+            "position/inversion hybrid+shared/mahalanobis max",
+            "position/inversion hybrid+position/mahalanobis max",
+            "position/mahalanobis max+shared/mahalanobis max",
+        ],
+        help="sums of standardised image scores",
+    )
+    parser.add_argument(
+        "--map-combine",
+        nargs="*",
+        default=["position/inversion+shared/mahalanobis", "position/mahalanobis+shared/mahalanobis"],
+        help="sums of maps standardised on the held-out maps",
+    )
+    add_threads_argument(parser)
+    args = parse_args(parser, argv)
+    result: dict[str, Any] = {
+        "benchmark": "maps",
+        "run": run_info(),
+        "settings": {k: [str(x) for x in v] if isinstance(v, list) else str(v) for k, v in vars(args).items()},
+        "rows": [],
+        "timings": [],
+        "categories": [],
+    }
+    for grid in args.grids:
+        for root in args.data:
+            loaded = load_category(root, args.cache_dir, grid=grid, progress=False)
+            result["categories"].append({**loaded.summary(), "grid": grid})
+            for kernel in args.pools:
+                label = f"{grid}" if kernel == 1 else f"{grid}, pool {kernel}"
+                rows, timing = explore(
+                    local_average(loaded, kernel), label, args.priors, args.combine, args.map_combine
+                )
+                result["rows"] += rows
+                result["timings"].append(timing)
+                write_results(args.out, result, markdown(result))
+                print(markdown(result).split("## Seconds")[0][-2500:], flush=True)
+            del loaded
+    print(np.array([len(result["rows"])]))
+
+
+if __name__ == "__main__":
+    main()
