@@ -144,10 +144,8 @@ def test_whitened_norm_is_the_mahalanobis_distance(train_features: torch.Tensor,
     x = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(7)) * 2
     got = whiten(model, x).norm(dim=1)
     for b, i, j in [(0, 0, 0), (1, 2, 3), (2, 3, 1)]:
-        if kind == "shared":
-            samples = _position_vectors(train_features)
-        else:
-            samples = train_features[:, :, i, j].double().numpy()
+        own = train_features if kind == "shared" else train_features[:, :, i : i + 1, j : j + 1]
+        samples = _position_vectors(own)
         reference = LedoitWolf().fit(samples)
         d = x[b, :, i, j].double().numpy() - samples.mean(0)
         expected = np.sqrt(d @ np.linalg.solve(reference.covariance_, d))
