@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from invert_ad.metrics import evaluate_metrics
@@ -43,6 +42,7 @@ from invert_ad.models import GaussianDenoiser
 from invert_ad.models.shared_gaussian import SharedGaussianDenoiser, fit_neighbourhood_gaussian, whiten
 from invert_ad.scorer import InversionScorer
 from invert_ad.scoring import norm_map
+from invert_ad.scoring.feature_maps import local_average
 
 from common import (
     DEFAULT_CACHE_DIR,
@@ -72,17 +72,14 @@ def fit_prior(kind: str, train: torch.Tensor) -> torch.nn.Module:
     raise ValueError(f"unknown prior {kind!r}")
 
 
-def local_average(category: CategoryFeatures, kernel: int) -> CategoryFeatures:
-    """PatchCore's neighbourhood aggregation: every feature averaged over a ``kernel x kernel`` window
-    (stride 1, windows clipped at the border), applied to the training, held-out and test features."""
-    if kernel == 1:
-        return category
-
-    def pool(x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
-
+def pooled(category: CategoryFeatures, kernel: int) -> CategoryFeatures:
+    """PatchCore's neighbourhood aggregation (:func:`~invert_ad.scoring.feature_maps.local_average`) applied to
+    the training, held-out and test features."""
     return dataclasses.replace(
-        category, train=pool(category.train), holdout=pool(category.holdout), test=pool(category.test)
+        category,
+        train=local_average(category.train, kernel),
+        holdout=local_average(category.holdout, kernel),
+        test=local_average(category.test, kernel),
     )
 
 
@@ -253,9 +250,7 @@ def main(argv: list[str] | None = None) -> None:
             result["categories"].append({**loaded.summary(), "grid": grid})
             for kernel in args.pools:
                 label = f"{grid}" if kernel == 1 else f"{grid}, pool {kernel}"
-                rows, timing = explore(
-                    local_average(loaded, kernel), label, args.priors, args.combine, args.map_combine
-                )
+                rows, timing = explore(pooled(loaded, kernel), label, args.priors, args.combine, args.map_combine)
                 result["rows"] += rows
                 result["timings"].append(timing)
                 write_results(args.out, result, markdown(result))
