@@ -185,6 +185,57 @@ def image_grid_sweep(category: CategoryFeatures, grids: list[str]) -> list[dict[
     return rows
 
 
+PRESETS: dict[str, dict[str, Any]] = {
+    "today (gaussian, paper grid, latent map)": {"grid": 16, "timesteps": "paper", "map": None},
+    "gaussian, exp:3, shared map": {"grid": 16, "timesteps": "exp:3", "map": ("shared", 1)},
+    "gaussian, 1 call, shared map": {"grid": 16, "timesteps": 1, "map": ("shared", 1)},
+    "32x32 gaussian, exp:3, shared map pool 3": {"grid": 32, "timesteps": "exp:3", "map": ("shared", 3)},
+}
+"""Detector presets timed end to end by :func:`time_presets`."""
+
+
+def time_presets(root: Path, cache_dir: Path, num_images: int = 32, batch_size: int = 16) -> list[dict[str, Any]]:
+    """Milliseconds per image of :meth:`AnomalyDetector.score` (backbone + standardisation + inversion + maps,
+    images already decoded) for each of :data:`PRESETS`, best of three passes over ``num_images`` test images."""
+    from invert_ad.data import MVTecDataset, collate_samples
+    from invert_ad.features import create_feature_extractor
+    from invert_ad.pipeline import AnomalyDetector
+    from invert_ad.scoring import MahalanobisMap
+
+    test = MVTecDataset(root, "test", 256)
+    images = collate_samples([test[i] for i in range(min(num_images, len(test)))])["image"]
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False
+    )
+    rows = []
+    for name, preset in PRESETS.items():
+        category = load_category(root, cache_dir, grid=preset["grid"], progress=False)
+        prior = GaussianDenoiser.fit(category.train)
+        statistic = None
+        if preset["map"] is not None:
+            statistic = MahalanobisMap.fit(category.train, prior=preset["map"][0], pool=preset["map"][1])
+        scorer = InversionScorer(prior, scheduler, timesteps=preset["timesteps"], map_statistic=statistic)
+        scorer.fit(category.holdout)
+        extractor = create_feature_extractor("efficientnet_lite0", grid=preset["grid"])
+        detector = AnomalyDetector(extractor, scorer, feature_mean=category.mean, feature_std=category.std)
+        passes = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for chunk in images.split(batch_size):
+                detector.score(chunk)
+            passes.append(time.perf_counter() - start)
+        rows.append(
+            {
+                "category": root.name,
+                "preset": name,
+                "calls": scorer.nfe,
+                "ms_per_image": round(1000 * min(passes) / len(images), 1),
+                "threads": torch.get_num_threads(),
+            }
+        )
+    return rows
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The report: one table per category and grid."""
     lines = [
@@ -219,6 +270,12 @@ def markdown(result: dict[str, Any]) -> str:
             "## Image score only: per-position Gaussian hybrid by inversion grid",
             "",
             markdown_table(result["image_grids"], ["category", "timesteps", "calls", "image_auroc", "image_ap"]),
+        ]
+    if result.get("timing"):
+        lines += [
+            "## End-to-end time per image (decoded images, batch 16, best of 3)",
+            "",
+            markdown_table(result["timing"], ["category", "preset", "calls", "ms_per_image", "threads"]),
         ]
     lines += ["## Seconds (fit, score test + held-out)", ""]
     for timing in result["timings"]:
@@ -271,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="inversion grids for the per-position hybrid image score on the first --grids grid (e.g. exp:3 1)",
     )
+    parser.add_argument("--timing", action="store_true", help="time the detector presets end to end")
     add_threads_argument(parser)
     args = parse_args(parser, argv)
     result: dict[str, Any] = {
@@ -281,6 +339,9 @@ def main(argv: list[str] | None = None) -> None:
         "timings": [],
         "categories": [],
     }
+    for root in args.data if args.timing else []:
+        result.setdefault("timing", []).extend(time_presets(root, args.cache_dir))
+        write_results(args.out, result, markdown(result))
     for root in args.data if args.image_grids else []:
         loaded = load_category(root, args.cache_dir, grid=args.grids[0], progress=False)
         specs = [int(g) if g.isdigit() else g for g in args.image_grids]

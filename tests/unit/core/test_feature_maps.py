@@ -134,6 +134,10 @@ def test_a_finer_grid_through_the_detector(tmp_path: Path) -> None:
     assert out.scores.anomaly_maps.shape == (2, 8, 8)
     torch.testing.assert_close(out.scores.anomaly_maps, statistic(features[10:]))
     detector.fit_calibration(normal_features=features[8:10])
+    from invert_ad.export import ExportableDetector
+
+    _, _, exported_maps = ExportableDetector(detector)(images[10:])  # the traced path uses the map statistic too
+    torch.testing.assert_close(exported_maps, out.anomaly_maps)
     detector.save_pretrained(tmp_path / "model")
     loaded = AnomalyDetector.from_pretrained(tmp_path / "model")
     assert isinstance(loaded.scorer.map_statistic, MahalanobisMap)
