@@ -185,6 +185,19 @@ def image_grid_sweep(category: CategoryFeatures, grids: list[str]) -> list[dict[
     return rows
 
 
+def heldout_nll(category: CategoryFeatures, priors: list[str]) -> list[dict[str, Any]]:
+    """Mean Gaussian NLL (nats per position vector, without the ``C/2 log 2 pi`` constant) of the held-out normal
+    features under each prior: a normal-images-only criterion one might hope picks the map prior."""
+    rows = []
+    for kind in priors:
+        prior = fit_prior(kind, category.train)
+        z = whiten(prior, category.holdout)
+        log_det = prior.eigenvalues.log().sum(-1).reshape(1, -1)  # (1, P) or (1, 1)
+        nll = 0.5 * (z.square().sum(1).flatten(1) + log_det).mean()
+        rows.append({"category": category.name, "prior": kind, "heldout_nll": float(nll)})
+    return rows
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "today (gaussian, paper grid, latent map)": {"grid": 16, "timesteps": "paper", "map": None},
     "gaussian, exp:3, shared map": {"grid": 16, "timesteps": "exp:3", "map": ("shared", 1)},
@@ -271,6 +284,12 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             markdown_table(result["image_grids"], ["category", "timesteps", "calls", "image_auroc", "image_ap"]),
         ]
+    if result.get("heldout_nll"):
+        lines += [
+            "## Held-out normal NLL per position vector under each prior (nats, lower = better fit)",
+            "",
+            markdown_table(result["heldout_nll"], ["category", "prior", "heldout_nll"]),
+        ]
     if result.get("timing"):
         lines += [
             "## End-to-end time per image (decoded images, batch 16, best of 3)",
@@ -329,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         help="inversion grids for the per-position hybrid image score on the first --grids grid (e.g. exp:3 1)",
     )
     parser.add_argument("--timing", action="store_true", help="time the detector presets end to end")
+    parser.add_argument("--heldout-nll", action="store_true", help="held-out NLL of each --priors prior")
     add_threads_argument(parser)
     args = parse_args(parser, argv)
     result: dict[str, Any] = {
@@ -339,6 +359,10 @@ def main(argv: list[str] | None = None) -> None:
         "timings": [],
         "categories": [],
     }
+    for root in args.data if args.heldout_nll else []:
+        loaded = load_category(root, args.cache_dir, grid=args.grids[0], progress=False)
+        result.setdefault("heldout_nll", []).extend(heldout_nll(loaded, args.priors))
+        write_results(args.out, result, markdown(result))
     for root in args.data if args.timing else []:
         result.setdefault("timing", []).extend(time_presets(root, args.cache_dir))
         write_results(args.out, result, markdown(result))
@@ -347,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
         specs = [int(g) if g.isdigit() else g for g in args.image_grids]
         result.setdefault("image_grids", []).extend(image_grid_sweep(loaded, specs))
         write_results(args.out, result, markdown(result))
-    for grid in args.grids if args.priors else []:
+    explore_grids = args.grids if args.priors and not args.heldout_nll else []
+    for grid in explore_grids:
         for root in args.data:
             loaded = load_category(root, args.cache_dir, grid=grid, progress=False)
             result["categories"].append({**loaded.summary(), "grid": grid})
