@@ -23,7 +23,7 @@ from .hub import load_json, model_class, resolve_model_dir, scheduler_class
 from .inversion import add_noise, ddim_integrate, one_step_irf
 from .io import atomic_save_tensors, atomic_write_json, load_tensors
 from .schedule import InversionGrid, alphas_cumprod_of, prediction_type_of, resolve_grid, spaced_grid
-from .scoring import Scorer, create_scorer, scorer_class
+from .scoring import Scorer, create_scorer, load_map_statistic, scorer_class
 
 CONFIG_NAME = "scorer_config.json"
 STATE_NAME = "scorer_state.safetensors"
@@ -409,8 +409,6 @@ class InversionScorer:
             scorer.load_state_dict(load_tensors(folder / STATE_NAME))
             kwargs["scoring"] = scorer
         if config.get("map_statistic") and "map_statistic" not in overrides:
-            from .scoring.feature_maps import load_map_statistic
-
             kwargs["map_statistic"] = load_map_statistic(config["map_statistic"], folder / MAP_STATISTIC_DIR, device)
         kwargs.update(overrides)
         return cls(denoiser, scheduler, **kwargs)
