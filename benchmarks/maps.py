@@ -20,9 +20,21 @@ Then it pairs image scores and maps of different statistics (``image from A, map
 image scores standardised on the held-out normal images. Maps are upsampled bilinearly to 256 px and scored with
 the library's exact metrics (:func:`invert_ad.metrics.evaluate_metrics`), masks at 256 px.
 
-Command that produced ``benchmarks/results/maps.json``::
+Commands that produced ``benchmarks/results/maps_*.json`` (one category per run, both at once on 2 cores)::
 
-    /work/bin/heavy .venv/bin/python benchmarks/maps.py --threads 1 --out benchmarks/results/maps.json
+    /work/bin/heavy .venv/bin/python benchmarks/maps.py --threads 1 --data ../shared/data/mvtec3d_tire \
+        --grids 16 32 --pools 1 3 --priors position window3 shared --out benchmarks/results/maps_mvtec3d_tire.json
+    /work/bin/heavy .venv/bin/python benchmarks/maps.py --threads 1 --data ../shared/data/mtd_magnetic_tile \
+        --grids 16 32 --pools 1 3 --priors position window3 shared \
+        --out benchmarks/results/maps_mtd_magnetic_tile.json
+    /work/bin/heavy .venv/bin/python benchmarks/maps.py --threads 1 --grids 16 --priors --image-grids 1 2 3 4 5 \
+        paper official quad:2 quad:3 quad:4 quad:5 cube:3 cube:4 cube:5 exp:2 exp:3 exp:4 exp:5 \
+        --out benchmarks/results/maps_image_grids.json
+    /work/bin/heavy .venv/bin/python benchmarks/maps.py --threads 1 --grids 16 --priors position shared \
+        --heldout-nll --timing --out benchmarks/results/maps_timing.json
+
+A window-5 prior was measured too at 16 x 16 (``--priors position window3 window5 shared``): it sits between
+window 3 and shared on every metric.
 """
 
 from __future__ import annotations
