@@ -34,7 +34,8 @@ Commands that produced ``benchmarks/results/maps_*.json`` (one category per run,
         --heldout-nll --timing --out benchmarks/results/maps_timing.json
 
 A window-5 prior was measured too at 16 x 16 (``--priors position window3 window5 shared``): it sits between
-window 3 and shared (within 0.001) on every metric (``maps_window5_*16.md``, an earlier run of this script without the map sums).
+window 3 and shared (within 0.001) on every metric (``maps_window5_*16.md``, an earlier run of this script
+without the map sums).
 """
 
 from __future__ import annotations
