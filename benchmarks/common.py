@@ -315,6 +315,8 @@ def load_category(
     holdout_fraction: float = 0.1,
     seed: int = 0,
     image_size: int = 256,
+    grid: int = 16,
+    layers: tuple[int, ...] | None = None,
     progress: bool = True,
 ) -> CategoryFeatures:
     """Cached backbone features of one MVTec-layout category, standardised with the training statistics.
@@ -330,6 +332,8 @@ def load_category(
         holdout_fraction: share of normal training images held out for calibration.
         seed: the training seed (it draws the split).
         image_size: images are resized to this square size (masks too, with nearest).
+        grid: side of the feature grid every backbone stage is resized to.
+        layers: backbone stages (``None``: the backbone's default).
         progress: progress bars for features still to compute.
 
     Returns:
@@ -337,7 +341,8 @@ def load_category(
     """
     start = time.perf_counter()
     root = Path(root)
-    extractor = create_feature_extractor(backbone, image_size=image_size)
+    options = {} if layers is None else {"layers": tuple(layers)}
+    extractor = create_feature_extractor(backbone, image_size=image_size, grid=grid, **options)
     cache = FeatureCache(cache_dir)
     train_set = MVTecDataset(root, "train", extractor.image_size, skip_bad=True)
     test_set = MVTecDataset(root, "test", extractor.image_size, skip_bad=True)
@@ -370,7 +375,7 @@ def load_category(
         std=std,
         image_size=size,
         seconds=time.perf_counter() - start,
-        info={"backbone": backbone, "holdout_fraction": holdout_fraction, "seed": seed},
+        info={"backbone": backbone, "holdout_fraction": holdout_fraction, "seed": seed, **extractor.get_config()},
     )
 
 

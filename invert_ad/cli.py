@@ -75,6 +75,14 @@ def _add_training_args(p: argparse.ArgumentParser, minutes: float | None) -> Non
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default ~/.cache/invert_ad)")
+    p.add_argument("--grid", type=int, default=16, help="feature grid side (16: stride 16 at 256 px, 32: stride 8)")
+    p.add_argument(
+        "--map-prior",
+        choices=["shared", "position", "window"],
+        default=None,
+        help="anomaly maps from a Mahalanobis map with this Gaussian prior (default: the latent's map)",
+    )
+    p.add_argument("--map-pool", type=int, default=1, help="local averaging window of --map-prior's features")
 
 
 def _train(args: argparse.Namespace, data: Any) -> Any:
@@ -93,6 +101,9 @@ def _train(args: argparse.Namespace, data: Any) -> Any:
         cache_dir=args.cache_dir,
         device=args.device,
         progress=not args.quiet,
+        grid=args.grid,
+        map_prior=args.map_prior,
+        map_pool=args.map_pool,
     )
 
 

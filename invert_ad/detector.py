@@ -321,7 +321,8 @@ class AnomalyDetector:
             latents = self.scorer.latents(features, batch_size)
         self.scorer.fit_latents(latents)
         out = self.scorer.statistic.score(latents)
-        raw_map = upsample_maps(out.raw_map.float(), (self.image_size, self.image_size)).cpu()
+        grid_map = self.scorer.final_maps(features, out.raw_map)  # a map statistic's maps when the scorer has one
+        raw_map = upsample_maps(grid_map.float(), (self.image_size, self.image_size)).cpu()
         self.calibration_ = fit_calibration(
             out.raw_score.cpu(), raw_map, fpr, folds=k, domain_score=domain_scores(features).cpu()
         )

@@ -178,7 +178,8 @@ class ExportableDetector(nn.Module):
         detector = self.detector
         features = detector.standardize(self.feature_extractor(images))
         result = detector.scorer.statistic.score(self.latents(features))
-        return result.raw_score.float(), result.raw_map.float(), domain_scores(features).float()
+        grid_map = detector.scorer.final_maps(features, result.raw_map)
+        return result.raw_score.float(), grid_map.float(), domain_scores(features).float()
 
     def extra_repr(self) -> str:
         scorer = self.detector.scorer

@@ -23,10 +23,11 @@ from .hub import load_json, model_class, push_folder_to_hub, resolve_model_dir, 
 from .inversion import add_noise, ddim_integrate, one_step_irf
 from .io import atomic_save_tensors, atomic_write_json, load_tensors
 from .schedule import InversionGrid, alphas_cumprod_of, prediction_type_of, resolve_grid, spaced_grid
-from .scoring import NotFittedError, ScoreOutput, Scorer, create_scorer, scorer_class
+from .scoring import NotFittedError, ScoreOutput, Scorer, create_scorer, load_map_statistic, scorer_class
 
 CONFIG_NAME = "scorer_config.json"
 STATE_NAME = "scorer_state.safetensors"
+MAP_STATISTIC_DIR = "map_statistic"
 
 __all__ = ["LATENT_SETTINGS", "InversionScorer"]
 
@@ -65,6 +66,9 @@ class InversionScorer:
         compile_mode: ``torch.compile`` the whole latent computation (all network calls and ODE updates of a
             batch in one graph) with this mode; ``"reduce-overhead"`` replays it as one CUDA graph on a GPU.
             See :mod:`invert_ad.acceleration`. Neither this nor ``autocast_dtype`` is saved.
+        map_statistic: a fitted statistic of the features, ``f(features (B, C, h, w)) -> (B, h, w)``, that forms
+            the anomaly maps instead of the latent's map (the image score still comes from the latent), e.g.
+            :class:`~invert_ad.scoring.MahalanobisMap`. Saved with the model.
 
     Attributes:
         scoring_: the fitted copy of ``scoring`` (after :meth:`fit` or loading a fitted scorer).
@@ -90,6 +94,7 @@ class InversionScorer:
         reconstruction_seed: int = 0,
         autocast_dtype: torch.dtype | str | None = None,
         compile_mode: str | None = None,
+        map_statistic: Any | None = None,
     ) -> None:
         self.denoiser = denoiser
         self.scheduler = scheduler
@@ -101,6 +106,7 @@ class InversionScorer:
         self.reconstruction_seed = reconstruction_seed
         self.autocast_dtype = check_autocast_dtype(autocast_dtype)
         self.compile_mode = compile_mode
+        self.map_statistic = map_statistic
         self._validate()
 
     def _validate(self) -> None:
@@ -110,6 +116,8 @@ class InversionScorer:
         if not isinstance(self.scoring, str | Scorer):
             raise TypeError(f"scoring must be a scorer name or a Scorer instance, got {type(self.scoring).__name__}")
         check_compile_mode(self.compile_mode)
+        if self.map_statistic is not None and not callable(self.map_statistic):
+            raise TypeError(f"map_statistic must be callable on features, got {type(self.map_statistic).__name__}")
         last = self.num_train_timesteps - 1
         for name in ("irf_timestep", "reconstruction_timestep"):
             value = getattr(self, name)
@@ -359,7 +367,14 @@ class InversionScorer:
         statistic = self.statistic
         z = self.latents(features, batch_size)
         out = statistic.score(z)
-        return ScoreOutput(out.raw_score.float(), out.raw_map.float(), out.components, z)
+        raw_map = self.final_maps(self._check_features(features), out.raw_map)
+        return ScoreOutput(out.raw_score.float(), raw_map.float(), out.components, z)
+
+    def final_maps(self, features: torch.Tensor, latent_maps: torch.Tensor) -> torch.Tensor:
+        """The anomaly maps ``(B, h, w)``: ``map_statistic(features)`` when one is set, else ``latent_maps``."""
+        if self.map_statistic is None:
+            return latent_maps
+        return self.map_statistic(features).to(latent_maps.device)
 
     def with_denoiser(self, denoiser: Any) -> InversionScorer:
         """A new, unfitted scorer with the same settings around another denoiser (e.g. one refitted on a fold)."""
@@ -373,6 +388,7 @@ class InversionScorer:
             reconstruction_steps=self.reconstruction_steps,
             reconstruction_seed=self.reconstruction_seed,
             autocast_dtype=self.autocast_dtype,
+            map_statistic=self.map_statistic,
         )
 
     # ------------------------------------------------------------------ persistence
@@ -388,6 +404,7 @@ class InversionScorer:
             "reconstruction_timestep": self.reconstruction_timestep,
             "reconstruction_steps": self.reconstruction_steps,
             "reconstruction_seed": self.reconstruction_seed,
+            "map_statistic": None if self.map_statistic is None else self.map_statistic.get_config(),
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
@@ -411,6 +428,8 @@ class InversionScorer:
         self.scheduler.save_pretrained(folder / "scheduler")
         fitted = self.__dict__.get("scoring_")
         atomic_save_tensors(fitted.state_dict() if fitted is not None else {}, folder / STATE_NAME)
+        if self.map_statistic is not None:
+            self.map_statistic.save_pretrained(folder / MAP_STATISTIC_DIR)
         atomic_write_json(folder / CONFIG_NAME, self.get_config())
         return folder
 
@@ -435,7 +454,7 @@ class InversionScorer:
                 statistic, so the loaded scorer is unfitted and a statistic that needs a fit raises
                 :class:`~invert_ad.NotFittedError` until :meth:`fit` is called again.
         """
-        allowed = (*LATENT_SETTINGS, "autocast_dtype", "compile_mode")
+        allowed = (*LATENT_SETTINGS, "autocast_dtype", "compile_mode", "map_statistic")
         unknown = set(overrides) - set(allowed)
         if unknown:
             raise TypeError(f"unknown override(s) {sorted(unknown)}; allowed: {list(allowed)}")
@@ -456,6 +475,8 @@ class InversionScorer:
             "reconstruction_steps": config["reconstruction_steps"],
             "reconstruction_seed": config["reconstruction_seed"],
         }
+        if config.get("map_statistic") and "map_statistic" not in overrides:
+            kwargs["map_statistic"] = load_map_statistic(config["map_statistic"], folder / MAP_STATISTIC_DIR, device)
         refit = bool(set(overrides) & set(LATENT_SETTINGS))
         kwargs.update(overrides)
         scorer = cls(denoiser, scheduler, **kwargs)

@@ -13,6 +13,7 @@ from .gaussian import GaussianDenoiser, ledoit_wolf
 from .mixture import GaussianMixtureDenoiser
 from .mlp import MLPDenoiser
 from .residual import GaussianResidualDenoiser
+from .shared_gaussian import SharedGaussianDenoiser, covariance_bytes, fit_neighbourhood_gaussian, whiten
 
 __all__ = [
     "DIT_PRESETS",
@@ -23,9 +24,13 @@ __all__ = [
     "GaussianMixtureDenoiser",
     "GaussianResidualDenoiser",
     "MLPDenoiser",
+    "SharedGaussianDenoiser",
+    "covariance_bytes",
     "create_denoiser",
+    "fit_neighbourhood_gaussian",
     "ledoit_wolf",
     "list_denoisers",
     "load_denoiser",
     "register_denoiser",
+    "whiten",
 ]

@@ -6,6 +6,9 @@ Built-in presets:
 - ``mlp``: :class:`MLPDenoiser`; ``conv``: :class:`ConvDenoiser`;
 - ``gaussian``: :class:`GaussianDenoiser` fitted on training features;
 - ``gaussian-mixture``: :class:`GaussianMixtureDenoiser`, one Gaussian per product or k-means cluster;
+- ``gaussian-shared``: :class:`SharedGaussianDenoiser`, one Gaussian for all positions (parts not aligned);
+- ``gaussian-window``: :class:`GaussianDenoiser` with statistics pooled over a ``window x window``
+  neighbourhood of each position (:func:`~invert_ad.models.shared_gaussian.fit_neighbourhood_gaussian`);
 - ``gaussian-residual-dit``, ``gaussian-residual-mlp``, ``gaussian-residual-conv``:
   :class:`GaussianResidualDenoiser` around a fitted Gaussian (residual ``dit-s``, ``mlp`` or ``conv``).
 
@@ -29,6 +32,7 @@ from .gaussian import GaussianDenoiser
 from .mixture import GaussianMixtureDenoiser
 from .mlp import MLPDenoiser
 from .residual import RESIDUAL_KINDS, GaussianResidualDenoiser
+from .shared_gaussian import SharedGaussianDenoiser, fit_neighbourhood_gaussian
 
 __all__ = ["create_denoiser", "list_denoisers", "load_denoiser", "register_denoiser"]
 
@@ -46,6 +50,7 @@ _CLASSES: dict[str, type[ModelMixin]] = {
         GaussianDenoiser,
         GaussianMixtureDenoiser,
         GaussianResidualDenoiser,
+        SharedGaussianDenoiser,
     )
 }
 
@@ -120,13 +125,10 @@ def _fit_gaussian(
     in_channels: int,
     grid_size: int | tuple[int, int],
     features: torch.Tensor | None = None,
+    *,
+    fit: Callable[..., ModelMixin] = GaussianDenoiser.fit,
     **fit_kwargs: Any,
-) -> GaussianDenoiser:
-    _check_features(in_channels, grid_size, features)
-    return GaussianDenoiser.fit(features, **fit_kwargs)
-
-
-def _check_features(in_channels: int, grid_size: int | tuple[int, int], features: torch.Tensor | None) -> None:
+) -> ModelMixin:
     if features is None:
         raise ValueError("Gaussian presets are fitted on training features: pass features=train_features (N, C, h, w)")
     expected = (in_channels, *grid_hw(grid_size))
@@ -134,16 +136,7 @@ def _check_features(in_channels: int, grid_size: int | tuple[int, int], features
         raise ValueError(
             f"features must have shape (N, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(features.shape)}"
         )
-
-
-def _fit_gaussian_mixture(
-    in_channels: int,
-    grid_size: int | tuple[int, int],
-    features: torch.Tensor | None = None,
-    **fit_kwargs: Any,
-) -> GaussianMixtureDenoiser:
-    _check_features(in_channels, grid_size, features)
-    return GaussianMixtureDenoiser.fit(features, **fit_kwargs)
+    return fit(features, **fit_kwargs)
 
 
 RESIDUAL_PRESETS: dict[str, dict[str, Any]] = {
@@ -173,6 +166,8 @@ for _name, _preset in DIT_PRESETS.items():
 register_denoiser("mlp", functools.partial(_build_network, MLPDenoiser, {}))
 register_denoiser("conv", functools.partial(_build_network, ConvDenoiser, {}))
 register_denoiser("gaussian", _fit_gaussian)
-register_denoiser("gaussian-mixture", _fit_gaussian_mixture)
+register_denoiser("gaussian-mixture", functools.partial(_fit_gaussian, fit=GaussianMixtureDenoiser.fit))
+register_denoiser("gaussian-shared", functools.partial(_fit_gaussian, fit=SharedGaussianDenoiser.fit))
+register_denoiser("gaussian-window", functools.partial(_fit_gaussian, fit=fit_neighbourhood_gaussian))
 for _kind in RESIDUAL_KINDS:
     register_denoiser(f"gaussian-residual-{_kind}", functools.partial(_fit_gaussian_residual, _kind))

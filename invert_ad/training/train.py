@@ -28,6 +28,7 @@ from ..features import create_feature_extractor
 from ..models import create_denoiser
 from ..schedule import alphas_cumprod_of
 from ..scorer import InversionScorer
+from ..scoring import MahalanobisMap
 from .config import TrainingConfig
 from .loop import init_distributed_from_env, train_denoiser
 
@@ -102,6 +103,9 @@ def train_detector(
     cache_dir: str | os.PathLike | None = None,
     device: str = "cpu",
     progress: bool = True,
+    grid: int = 16,
+    map_prior: str | None = None,
+    map_pool: int = 1,
 ) -> TrainSummary:
     """Train and save a detector from normal images.
 
@@ -125,6 +129,10 @@ def train_detector(
         cache_dir: feature cache (default :func:`default_cache_dir`); ``None`` there means the default.
         device: where the backbone and the denoiser run.
         progress: progress bars.
+        grid: side of the feature grid every backbone stage is resized to (16: stride 16 at 256 px; 32: stride 8).
+        map_prior: form the anomaly maps from a :class:`~invert_ad.scoring.MahalanobisMap` with this prior
+            (``shared``, ``position`` or ``window``), fitted on the training features; ``None``: the latent's map.
+        map_pool: local averaging window of that map statistic (1: none).
 
     Returns:
         A :class:`TrainSummary`.
@@ -135,7 +143,7 @@ def train_detector(
     rank, world = init_distributed_from_env()  # under torchrun: every process trains its share of each batch
     if world > 1 and device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # one GPU per process
-    extractor = create_feature_extractor(backbone, image_size=image_size).to(device)
+    extractor = create_feature_extractor(backbone, image_size=image_size, grid=grid).to(device)
     sources = list(data) if isinstance(data, list | tuple) else [data]
     if not sources:
         raise ValueError("no training data given")
@@ -184,12 +192,11 @@ def train_detector(
     if world > 1:
         torch.distributed.barrier()
 
-    detector = AnomalyDetector(
-        extractor,
-        InversionScorer(model, scheduler, timesteps=timesteps, scoring=scoring),
-        feature_mean=mean,
-        feature_std=std,
-    )
+    map_statistic = None
+    if map_prior is not None:
+        map_statistic = MahalanobisMap.fit(train_features, prior=map_prior, pool=map_pool).to(device)
+    scorer = InversionScorer(model, scheduler, timesteps=timesteps, scoring=scoring, map_statistic=map_statistic)
+    detector = AnomalyDetector(extractor, scorer, feature_mean=mean, feature_std=std)
     logger.info(
         "fitting the statistic and thresholds on %d normal images (%s)",
         len(calibration_idx),
@@ -203,6 +210,8 @@ def train_detector(
         "categories": {name: int((category == i).sum()) for i, name in enumerate(names)},
         "backbone": backbone,
         "denoiser": denoiser,
+        "grid": grid,
+        "map_statistic": None if map_statistic is None else repr(map_statistic),
         "num_train": len(train_idx),
         "num_calibration": len(calibration_idx),
         "calibration": "out of fold" if calibration.folds else "held out",

@@ -24,6 +24,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "gaussian-residual-dit": {"residual_config": {"hidden_size": 32, "depth": 1, "num_heads": 2}},
     "gaussian-residual-mlp": {"residual_config": {"hidden_size": 32, "depth": 1, "position_embedding": True}},
     "gaussian-residual-conv": {"residual_config": {"width": 16, "depth": 1, "num_groups": 4}},
+    "gaussian-shared": {},
+    "gaussian-window": {"window": 3},
 }
 
 

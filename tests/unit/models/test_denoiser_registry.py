@@ -30,6 +30,8 @@ PRESETS = [
     "gaussian-residual-conv",
     "gaussian-residual-dit",
     "gaussian-residual-mlp",
+    "gaussian-shared",
+    "gaussian-window",
     "mlp",
 ]
 
