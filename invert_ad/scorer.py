@@ -38,8 +38,10 @@ LATENT_SETTINGS = (
     "reconstruction_timestep",
     "reconstruction_steps",
     "reconstruction_seed",
+    "map_statistic",
 )
-"""Constructor arguments that change the latent or its statistic: overriding one at load time drops the fit."""
+"""Constructor arguments that change the latent, its statistic or the maps: overriding one at load time drops the
+fit (and so a detector's thresholds)."""
 
 
 class InversionScorer:
@@ -454,7 +456,7 @@ class InversionScorer:
                 statistic, so the loaded scorer is unfitted and a statistic that needs a fit raises
                 :class:`~invert_ad.NotFittedError` until :meth:`fit` is called again.
         """
-        allowed = (*LATENT_SETTINGS, "autocast_dtype", "compile_mode", "map_statistic")
+        allowed = (*LATENT_SETTINGS, "autocast_dtype", "compile_mode")
         unknown = set(overrides) - set(allowed)
         if unknown:
             raise TypeError(f"unknown override(s) {sorted(unknown)}; allowed: {list(allowed)}")

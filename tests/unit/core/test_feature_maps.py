@@ -11,6 +11,7 @@ import torch
 from diffusers import DDPMScheduler
 from sklearn.covariance import LedoitWolf
 
+from invert_ad import NotFittedError
 from invert_ad.detector import AnomalyDetector, channel_statistics
 from invert_ad.models import GaussianDenoiser, SharedGaussianDenoiser, create_denoiser
 from invert_ad.scorer import InversionScorer
@@ -103,6 +104,9 @@ def test_map_statistic_round_trips_through_save_pretrained(tmp_path: Path) -> No
     assert torch.equal(got.raw_score, expected.raw_score)
     dropped = InversionScorer.from_pretrained(tmp_path, map_statistic=None)
     assert dropped.map_statistic is None
+    with pytest.raises(NotFittedError):  # other maps: the saved fit no longer applies
+        dropped.score(test)
+    dropped.fit(holdout)
     plain = _scorer(train, holdout, with_map=False)
     torch.testing.assert_close(dropped.score(test).raw_map, plain.score(test).raw_map)
 
