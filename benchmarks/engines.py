@@ -56,8 +56,7 @@ BATCHES = (1, 8, 32)
 def _detector(category_dir: Path, cache_dir: Path) -> Any:
     category = load_category(category_dir, cache_dir, progress=False)
     detector = build("gaussian", category, torch.device("cpu"))[0]
-    detector.fit_calibration(normal_features=category.holdout)
-    return detector
+    return detector.fit(normal_features=category.holdout, folds=None)
 
 
 def _current_rss_mb() -> float:

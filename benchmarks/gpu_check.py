@@ -167,9 +167,9 @@ def _detector(denoiser_name: str, sizes: Sizes, device: torch.device) -> tuple[A
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False
     )
-    scorer = InversionScorer(model, scheduler, timesteps="paper", scoring="hybrid").fit(features.to(device), 32)
+    scorer = InversionScorer(model, scheduler, timesteps="paper", scoring="hybrid")
     detector = AnomalyDetector(extractor.to(device), scorer)
-    detector.fit_calibration(normal_features=features[:32].to(device))
+    detector.fit(normal_features=features.to(device), folds=None, batch_size=32)
     return detector, model
 
 
@@ -301,7 +301,7 @@ def _synthetic_category(root: Path, size: int) -> Path:
 def stage_training(rec: Recorder, sizes: Sizes, device: torch.device, data: Path, denoiser: str) -> None:
     from invert_ad.evaluation import evaluate_detector
     from invert_ad.training import TrainingConfig
-    from invert_ad.training.recipe import train_detector
+    from invert_ad.training.train import train_detector
 
     with tempfile.TemporaryDirectory() as tmp:
         if sizes.dry_run:

@@ -19,7 +19,7 @@ Threads: one intra-op thread per CPU this process may run on (``os.sched_getaffi
 parallelism (the graph is a chain), no spinning threads between calls; set ``threads`` on a shared machine.
 
 :class:`EngineDetector` is an :class:`~invert_ad.detector.AnomalyDetector` whose :meth:`~EngineDetector.score`
-runs an engine, so :func:`~invert_ad.predict.predict_paths` and :func:`~invert_ad.evaluation.evaluate_detector`
+runs an engine, so :func:`~invert_ad.predict_files.predict_paths` and :func:`~invert_ad.evaluation.evaluate_detector`
 (through :meth:`EngineDetector.score_dataset`) give their usual outputs with it: ``invert-ad predict --engine``,
 ``invert-ad evaluate --engine``. ONNX Runtime needs the ``export`` extra, OpenVINO the ``openvino`` extra.
 """

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from invert_ad.predict import predict_paths
+from invert_ad.predict_files import predict_paths
 from torch import nn
 
 from invert_ad.engines import ENGINES, EngineDetector, EngineMismatchError, load_engine
