@@ -25,6 +25,10 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "gaussian-residual-mlp": {"residual_config": {"hidden_size": 32, "depth": 1, "position_embedding": True}},
     "gaussian-residual-conv": {"residual_config": {"width": 16, "depth": 1, "num_groups": 4}},
 }
+TINY_OVERRIDES.update({f"{name}-edm": TINY_OVERRIDES[name] for name in list(TINY_OVERRIDES) if "residual" in name})
+TINY_OVERRIDES.update(
+    {f"{name}-{form}": TINY_OVERRIDES[name] for name in ("dit-s", "mlp", "conv") for form in ("skip", "edm")}
+)
 
 
 @pytest.fixture
