@@ -76,6 +76,7 @@ def _train(args: argparse.Namespace, data: Any) -> Any:
 def cmd_train(args: argparse.Namespace) -> int:
     summary = _train(args, args.data)
     print(json.dumps({"model": str(summary.out_dir), **summary.info}, indent=2, default=str))
+    print(f"verdict: {summary.info['verdict']}", file=sys.stderr)
     return 0
 
 

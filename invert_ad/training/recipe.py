@@ -25,6 +25,7 @@ from ..pipeline import AnomalyDetector, channel_statistics
 from ..schedule import alphas_cumprod_of
 from ..scorer import InversionScorer
 from .config import TrainingConfig
+from .diagnostics import diagnose_training
 from .loop import init_distributed_from_env, train_denoiser
 
 __all__ = [
@@ -162,6 +163,14 @@ def train_detector(
         model, steps, seconds = result.model, result.steps, result.seconds
         final_loss = sum(result.losses[-20:]) / max(1, len(result.losses[-20:])) if result.losses else None
     model = model.eval().requires_grad_(False)
+    diagnostics = diagnose_training(  # per-t eps-MSE, latents, scale ratio: the verdict of the card and the CLI
+        model,
+        train_features,
+        holdout_features.to(device),
+        alphas_cumprod_of(scheduler),
+        grid=timesteps,
+        trained=steps > 0,
+    )
     if world > 1:
         torch.distributed.barrier()
 
@@ -179,8 +188,10 @@ def train_detector(
         "train_seconds": round(seconds, 1),
         "final_loss": final_loss,
         "training": training.to_dict(),
+        "verdict": diagnostics["verdict"],
+        "diagnostics": diagnostics,
     }
-    card_training = ", ".join(f"{k}: {v}" for k, v in info.items() if k != "training")
+    card_training = ", ".join(f"{k}: {v}" for k, v in info.items() if k not in ("training", "diagnostics"))
     if rank == 0:  # one writer; the other processes hold the same weights
         detector.save_pretrained(out_dir, model_card={"dataset": info["data"], "training": card_training})
         if steps:
