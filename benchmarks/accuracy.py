@@ -27,6 +27,8 @@ Commands that produced the committed results (2-core CPU shared with other jobs)
         --out benchmarks/results/accuracy_residual_mlp.json
     .venv/bin/python benchmarks/accuracy.py --configs dit-s --minutes 8 --threads 1 --recon-nfe 3 \\
         --out benchmarks/results/accuracy_dit_s.json
+    /work/bin/heavy .venv/bin/python benchmarks/accuracy.py --configs dit-s-edm --minutes 10 --threads 1 \\
+        --library-planner --recon-nfe --extra-calls --out benchmarks/results/accuracy_dit_s_edm.json
 
 (``--data`` defaults to every category of ``../shared/data``.)
 """
@@ -245,6 +247,8 @@ def train_or_load(
         "num_train": summary.num_train,
         "num_holdout": summary.num_holdout,
         "training": training.to_dict(),
+        "verdict": summary.info.get("verdict"),
+        "diagnostics": summary.info.get("diagnostics"),
         **plan,
     }
     atomic_write_json(info_path, info)
@@ -319,6 +323,7 @@ def accuracy_markdown(result: dict[str, Any]) -> str:
             "loss": r["train"].get("final_loss"),
             "train_loss_eval": r["train"].get("train_loss_eval"),
             "holdout_loss": r["train"].get("holdout_loss"),
+            "status": (r["train"].get("diagnostics") or {}).get("status"),
         }
         for r in result["runs"]
     ]
@@ -336,6 +341,13 @@ def accuracy_markdown(result: dict[str, Any]) -> str:
                 },
             )
         )
+    verdicts = [
+        f"- {r['category']} / {r['config']['name']}: {r['train']['verdict']}"
+        for r in result["runs"]
+        if r["train"].get("verdict")
+    ]
+    if verdicts:
+        parts.append("Training verdicts (held-out normal images):\n\n" + "\n".join(verdicts) + "\n")
     columns = ["config", "variant", "nfe", *METRIC_KEYS, "ms_per_image"]
     for name in sorted({r["category"] for r in result["runs"]} | set(result.get("baselines", {}))):
         rows = []
