@@ -28,7 +28,7 @@ from ..inversion import ddim_integrate
 from ..models import GaussianDenoiser
 from ..schedule import resolve_grid
 
-__all__ = ["RELATIVE_TOLERANCE", "diagnose_denoiser", "diagnose_training"]
+__all__ = ["BROKEN_FACTOR", "BROKEN_RATIO", "RELATIVE_TOLERANCE", "diagnose_denoiser", "diagnose_training"]
 
 RELATIVE_TOLERANCE = 0.01
 """A model counts as behind a reference at ``t`` when its eps-MSE exceeds the reference's by more than this
@@ -47,6 +47,13 @@ def _latent_stats(eps_fn, x0: torch.Tensor, grid, alphas_cumprod: torch.Tensor) 
     latent, trajectory = ddim_integrate(eps_fn, x0, grid.call_points, grid.alpha_bars(alphas_cumprod), True)
     return {"mean": float(latent.mean()), "std": float(latent.std())}, trajectory[-2]
 
+
+BROKEN_FACTOR = 1.1
+"""At the last call point, an eps-MSE above this multiple of the trivial predictor's (plus ``1e-4``) marks the
+latents unreliable (the issue's undertrained plain DiT: 0.070 against 0.011 at t = 666)."""
+
+BROKEN_RATIO = 0.2
+"""An output-scale ratio farther than this from the ideal 0.5 marks the latents unreliable too."""
 
 _NAMES = {"gaussian": "the Gaussian", "trivial": "the trivial predictor"}
 
@@ -84,8 +91,12 @@ def diagnose_denoiser(
         A JSON-serialisable dict: ``call_points``; ``eps_mse`` (``model``, ``trivial`` and, with ``gaussian``,
         ``gaussian``: each ``{t: mse}``); ``latent`` (``model``, ``trivial``, ``gaussian``: each ``{"mean",
         "std"}`` over all latent values); ``output_scale_ratio`` (``{"t", "model", "ideal": 0.5}``);
-        ``behind`` (``{t: reference}`` where the model is worse than the better reference); ``status``
-        (``"fitted"``, ``"ready"`` or ``"behind"``) and ``verdict`` (one line).
+        ``behind`` (``{t: reference}`` where the model is worse than the better reference); ``status`` and
+        ``verdict`` (one line). ``status`` is ``"fitted"`` (nothing trained), ``"behind_trivial"`` (worse than
+        the trivial predictor at the last call by :data:`BROKEN_FACTOR`, an output-scale ratio off by more than
+        :data:`BROKEN_RATIO`, or behind the trivial predictor where it is the better reference: latents are not
+        to be trusted), ``"behind_gaussian"`` (sound, but behind the Gaussian somewhere: the benchmark decides)
+        or ``"ready"`` (ahead of both everywhere).
 
     Raises:
         ValueError: ``features`` not ``(N, C, h, w)`` with ``N >= 1``, or ``draws < 1``.
@@ -132,15 +143,25 @@ def diagnose_denoiser(
         f"latent std {latent['model']['std']:.2f} (trivial predictor {latent['trivial']['std']:.2f}), "
         f"output-scale ratio at t={t_last} {ratio:.2f} (ideal 0.5)"
     )
+    last, trivial_last = sums["model"][t_last], sums["trivial"][t_last]
+    broken = last > BROKEN_FACTOR * trivial_last + 1e-4 or not abs(ratio - 0.5) <= BROKEN_RATIO
     if not trained:
         status, verdict = "fitted", f"fitted denoiser, nothing trained: {notes}"
+    elif broken:
+        status = "behind_trivial"
+        verdict = (
+            f"not yet better than the trivial predictor at the last call t={t_last} (eps-MSE {last:.4f} vs "
+            f"{trivial_last:.4f}, output-scale ratio {ratio:.2f}, ideal 0.5): its latents are unreliable; keep "
+            f"training (more --minutes or --steps) or use --denoiser gaussian; {notes}"
+        )
     elif behind:
         worst = max(behind, key=lambda t: sums["model"][t] / max(sums[behind[t]][t], 1e-12))
-        status = "behind"
+        status = "behind_gaussian" if "gaussian" in behind.values() else "behind_trivial"
         verdict = (
             f"not yet better than {_NAMES[behind[worst]]} at {', '.join(f't={t}' for t in behind)} (worst "
-            f"t={worst}: eps-MSE {sums['model'][worst]:.4f} vs {sums[behind[worst]][worst]:.4f}): keep training "
-            f"(more --minutes or --steps) or use --denoiser gaussian; {notes}"
+            f"t={worst}: eps-MSE {sums['model'][worst]:.4f} vs {sums[behind[worst]][worst]:.4f}); its maps may "
+            f"still localise better: compare with --denoiser gaussian on labelled images (invert-ad evaluate) or "
+            f"keep training; {notes}"
         )
     else:
         status = "ready"

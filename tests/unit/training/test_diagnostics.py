@@ -77,14 +77,25 @@ def test_trivial_model_latent_and_scale_ratio_are_exact() -> None:
 def test_a_scale_blind_network_is_reported_behind_the_gaussian() -> None:
     ab = _alphas_cumprod()
     result = diagnose_denoiser(ConstantNorm(), _normal(2.0, 64), ab, gaussian=_exact_gaussian(4.0))
-    assert result["status"] == "behind"
+    assert result["status"] == "behind_trivial"
     assert set(result["behind"]) == {"0", "333", "666"}  # at t = 0 both references are within sampling noise
     assert result["behind"]["333"] == result["behind"]["666"] == "gaussian"
     assert result["output_scale_ratio"]["model"] == pytest.approx(1.0)
     assert result["eps_mse"]["model"]["666"] == pytest.approx(2.0, rel=0.05)  # E(1 - n)^2
     verdict = result["verdict"]
-    assert verdict.startswith("not yet better than the Gaussian at t=0, t=333, t=666 (worst t=666")
-    assert "--denoiser gaussian" in verdict and "\n" not in verdict
+    assert verdict.startswith("not yet better than the trivial predictor at the last call t=666 (eps-MSE 2.0")
+    assert "output-scale ratio 1.00" in verdict and "--denoiser gaussian" in verdict and "\n" not in verdict
+
+
+def test_a_sound_model_behind_the_gaussian_is_told_to_compare() -> None:
+    """The trivial predictor on N(0, 4 I) data: scale-correct, better than nothing, worse than the exact Gaussian."""
+    ab = _alphas_cumprod()
+    model = GaussianDenoiser(C, GRID, covariance="identity")
+    result = diagnose_denoiser(model, _normal(2.0, 256), ab, gaussian=_exact_gaussian(4.0), trained=True)
+    assert result["status"] == "behind_gaussian"
+    assert result["behind"]["333"] == "gaussian"
+    assert result["verdict"].startswith("not yet better than the Gaussian at ")
+    assert "compare with --denoiser gaussian" in result["verdict"]
 
 
 def test_fitted_models_and_bad_inputs() -> None:
