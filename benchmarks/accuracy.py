@@ -27,8 +27,11 @@ Commands that produced the committed results (2-core CPU shared with other jobs)
         --out benchmarks/results/accuracy_residual_mlp.json
     .venv/bin/python benchmarks/accuracy.py --configs dit-s --minutes 8 --threads 1 --recon-nfe 3 \\
         --out benchmarks/results/accuracy_dit_s.json
-    /work/bin/heavy .venv/bin/python benchmarks/accuracy.py --configs dit-s-edm --minutes 10 --threads 1 \\
-        --library-planner --recon-nfe --extra-calls --out benchmarks/results/accuracy_dit_s_edm.json
+    /work/bin/heavy .venv/bin/python benchmarks/accuracy.py --configs dit-s-skip --minutes 10 --threads 1 \\
+        --library-planner --recon-nfe --extra-calls --data ../shared/data/mtd_magnetic_tile \\
+        ../shared/data/mvtec3d_tire --out benchmarks/results/accuracy_dit_s_skip.json
+
+(``--library-planner`` makes the training exactly ``invert-ad train --minutes 10``.)
 
 (``--data`` defaults to every category of ``../shared/data``.)
 """

@@ -28,7 +28,14 @@ from ..inversion import ddim_integrate
 from ..models import GaussianDenoiser
 from ..schedule import resolve_grid
 
-__all__ = ["BROKEN_FACTOR", "BROKEN_RATIO", "RELATIVE_TOLERANCE", "diagnose_denoiser", "diagnose_training"]
+__all__ = [
+    "BROKEN_FACTOR",
+    "BROKEN_RATIO",
+    "RELATIVE_TOLERANCE",
+    "diagnose_denoiser",
+    "diagnose_training",
+    "judge",
+]
 
 RELATIVE_TOLERANCE = 0.01
 """A model counts as behind a reference at ``t`` when its eps-MSE exceeds the reference's by more than this
@@ -91,7 +98,8 @@ def diagnose_denoiser(
         A JSON-serialisable dict: ``call_points``; ``eps_mse`` (``model``, ``trivial`` and, with ``gaussian``,
         ``gaussian``: each ``{t: mse}``); ``latent`` (``model``, ``trivial``, ``gaussian``: each ``{"mean",
         "std"}`` over all latent values); ``output_scale_ratio`` (``{"t", "model", "ideal": 0.5}``);
-        ``behind`` (``{t: reference}`` where the model is worse than the better reference); ``status`` and
+        ``trained``; ``behind`` (``{t: reference}`` where the model is worse than the better reference);
+        ``status`` and
         ``verdict`` (one line). ``status`` is ``"fitted"`` (nothing trained), ``"behind_trivial"`` (worse than
         the trivial predictor at the last call by :data:`BROKEN_FACTOR`, an output-scale ratio off by more than
         :data:`BROKEN_RATIO`, or behind the trivial predictor where it is the better reference: latents are not
@@ -131,21 +139,45 @@ def diagnose_denoiser(
     half = predictors["model"](last_state / 2, timesteps).float().norm()
     ratio = float(half / full) if float(full) > 0 else float("nan")
 
+    if trained is None:
+        trained = any(True for _ in denoiser.parameters()) if hasattr(denoiser, "parameters") else True
+    result = {
+        "call_points": [int(t) for t in grid.call_points],
+        "num_images": int(x0.shape[0]),
+        "draws": draws,
+        "eps_mse": {name: {str(t): v for t, v in values.items()} for name, values in sums.items()},
+        "latent": latent,
+        "output_scale_ratio": {"t": t_last, "model": ratio, "ideal": 0.5},
+        "trained": bool(trained),
+    }
+    return {**result, **judge(result)}
+
+
+def judge(diagnostics: dict[str, Any]) -> dict[str, Any]:
+    """The verdict on measured diagnostics (the part of :func:`diagnose_denoiser` that reads no model).
+
+    Args:
+        diagnostics: a :func:`diagnose_denoiser` dict (``eps_mse``, ``latent``, ``output_scale_ratio``,
+            ``trained``; any ``behind`` / ``status`` / ``verdict`` in it are ignored).
+
+    Returns:
+        ``{"behind": {t: reference}, "status": ..., "verdict": ...}``, see :func:`diagnose_denoiser`.
+    """
+    sums, latent = diagnostics["eps_mse"], diagnostics["latent"]
+    t_last, ratio = str(diagnostics["output_scale_ratio"]["t"]), diagnostics["output_scale_ratio"]["model"]
     references = [name for name in ("gaussian", "trivial") if name in sums]
     behind = {}
     for t in sums["model"]:
         best = min(references, key=lambda name: sums[name][t])
         if sums["model"][t] > (1 + RELATIVE_TOLERANCE) * sums[best][t] + 1e-4:
             behind[t] = best
-    if trained is None:
-        trained = any(True for _ in denoiser.parameters()) if hasattr(denoiser, "parameters") else True
     notes = (
         f"latent std {latent['model']['std']:.2f} (trivial predictor {latent['trivial']['std']:.2f}), "
         f"output-scale ratio at t={t_last} {ratio:.2f} (ideal 0.5)"
     )
     last, trivial_last = sums["model"][t_last], sums["trivial"][t_last]
     broken = last > BROKEN_FACTOR * trivial_last + 1e-4 or not abs(ratio - 0.5) <= BROKEN_RATIO
-    if not trained:
+    if not diagnostics.get("trained", True):
         status, verdict = "fitted", f"fitted denoiser, nothing trained: {notes}"
     elif broken:
         status = "behind_trivial"
@@ -169,17 +201,7 @@ def diagnose_denoiser(
             f"better than {' and '.join(_NAMES[r] for r in references)} at every call point "
             f"({', '.join(f't={t}' for t in sums['model'])}); {notes}"
         )
-    return {
-        "call_points": [int(t) for t in grid.call_points],
-        "num_images": int(x0.shape[0]),
-        "draws": draws,
-        "eps_mse": {name: {str(t): v for t, v in values.items()} for name, values in sums.items()},
-        "latent": latent,
-        "output_scale_ratio": {"t": t_last, "model": ratio, "ideal": 0.5},
-        "behind": {str(t): name for t, name in behind.items()},
-        "status": status,
-        "verdict": verdict,
-    }
+    return {"behind": behind, "status": status, "verdict": verdict}
 
 
 def diagnose_training(
