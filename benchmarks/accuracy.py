@@ -27,6 +27,11 @@ Commands that produced the committed results (2-core CPU shared with other jobs)
         --out benchmarks/results/accuracy_residual_mlp.json
     .venv/bin/python benchmarks/accuracy.py --configs dit-s --minutes 8 --threads 1 --recon-nfe 3 \\
         --out benchmarks/results/accuracy_dit_s.json
+    /work/bin/heavy .venv/bin/python benchmarks/accuracy.py --configs dit-s-skip --minutes 10 --threads 1 \\
+        --library-planner --recon-nfe --extra-calls --data ../shared/data/mtd_magnetic_tile \\
+        ../shared/data/mvtec3d_tire --out benchmarks/results/accuracy_dit_s_skip.json
+
+(``--library-planner`` makes the training exactly ``invert-ad train --minutes 10``.)
 
 (``--data`` defaults to every category of ``../shared/data``.)
 """
@@ -245,6 +250,8 @@ def train_or_load(
         "num_train": summary.num_train,
         "num_calibration": summary.num_calibration,
         "training": training.to_dict(),
+        "verdict": summary.info.get("verdict"),
+        "diagnostics": summary.info.get("diagnostics"),
         **plan,
     }
     atomic_write_json(info_path, info)
@@ -319,6 +326,7 @@ def accuracy_markdown(result: dict[str, Any]) -> str:
             "loss": r["train"].get("final_loss"),
             "train_loss_eval": r["train"].get("train_loss_eval"),
             "holdout_loss": r["train"].get("holdout_loss"),
+            "status": (r["train"].get("diagnostics") or {}).get("status"),
         }
         for r in result["runs"]
     ]
@@ -336,6 +344,13 @@ def accuracy_markdown(result: dict[str, Any]) -> str:
                 },
             )
         )
+    verdicts = [
+        f"- {r['category']} / {r['config']['name']}: {r['train']['verdict']}"
+        for r in result["runs"]
+        if r["train"].get("verdict")
+    ]
+    if verdicts:
+        parts.append("Training verdicts (held-out normal images):\n\n" + "\n".join(verdicts) + "\n")
     columns = ["config", "variant", "nfe", *METRIC_KEYS, "ms_per_image"]
     for name in sorted({r["category"] for r in result["runs"]} | set(result.get("baselines", {}))):
         rows = []

@@ -468,6 +468,10 @@ DENOISER_CONFIGS: dict[str, DenoiserConfig] = _configs(
             "Gaussian + DiT residual (dit-s size: hidden 256, depth 4, 4 heads)",
         ),
         DenoiserConfig("dit-s", "dit-s", {}, True, "plain DiT, hidden 256, depth 4, 4 heads"),
+        DenoiserConfig(
+            "dit-s-skip", "dit-s-skip", {}, True, "dit-s learning the residual of sqrt(1 - ab_t) x_t (trivial skip)"
+        ),
+        DenoiserConfig("dit-s-edm", "dit-s-edm", {}, True, "dit-s, trivial skip + EDM output scaling sqrt(ab_t)"),
         DenoiserConfig("dit-b", "dit-b", {}, True, "InvAD's DiT-base (hidden 1024, depth 8): speed runs only"),
         DenoiserConfig("dit-g", "dit-g", {}, True, "the paper's DiT-g (1.2e9 parameters): GPU speed runs only"),
         DenoiserConfig(

@@ -111,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = _train(args, args.data if len(args.data) > 1 else args.data[0])
     print(json.dumps({"model": str(summary.out_dir), **summary.info}, indent=2, default=str))
     if summary.info.get("verdict"):
-        print(summary.info["verdict"], file=sys.stderr)
+        print(f"verdict: {summary.info['verdict']}", file=sys.stderr)
     return 0
 
 

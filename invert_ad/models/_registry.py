@@ -10,9 +10,15 @@ Built-in presets:
 - ``gaussian-window``: :class:`GaussianDenoiser` with statistics pooled over a ``window x window``
   neighbourhood of each position (:func:`~invert_ad.models.shared_gaussian.fit_neighbourhood_gaussian`);
 - ``gaussian-residual-dit``, ``gaussian-residual-mlp``, ``gaussian-residual-conv``:
-  :class:`GaussianResidualDenoiser` around a fitted Gaussian (residual ``dit-s``, ``mlp`` or ``conv``).
+  :class:`GaussianResidualDenoiser` around a fitted Gaussian (small residual networks, :data:`RESIDUAL_PRESETS`);
+  ``gaussian-residual-{dit,mlp,conv}-edm``: the same with the residual scaled by ``sqrt(ab_t)``;
+- ``dit-s-skip``, ``mlp-skip``, ``conv-skip``: the plain preset's network learning the residual of the trivial
+  predictor, ``eps = sqrt(1 - ab_t) x_t + net(x_t, t)`` (:class:`GaussianResidualDenoiser` with the fixed
+  ``N(0, I)`` prior, ``covariance="identity"``); ``dit-s-edm``, ``mlp-edm``, ``conv-edm``: EDM preconditioning,
+  ``eps = sqrt(1 - ab_t) x_t + sqrt(ab_t) net(x_t, t)``. Both equal the trivial predictor before training.
 
-The Gaussian presets are fitted, not trained: they need ``features=train_features`` ``(N, C, h, w)``.
+The Gaussian presets are fitted, not trained: they need ``features=train_features`` ``(N, C, h, w)``. The skip
+and EDM presets take the network's arguments as overrides, like the plain presets.
 """
 
 from __future__ import annotations
@@ -150,6 +156,7 @@ per-position Gaussian misses); ``residual_config`` entries override them."""
 
 def _fit_gaussian_residual(
     residual_kind: str,
+    output_scaling: str,
     in_channels: int,
     grid_size: int | tuple[int, int],
     features: torch.Tensor | None = None,
@@ -158,7 +165,30 @@ def _fit_gaussian_residual(
 ) -> GaussianResidualDenoiser:
     gaussian = _fit_gaussian(in_channels, grid_size, features, **fit_kwargs)
     config = {**RESIDUAL_PRESETS[residual_kind], **(residual_config or {})}
-    return GaussianResidualDenoiser.from_gaussian(gaussian, residual_kind, config)
+    return GaussianResidualDenoiser.from_gaussian(gaussian, residual_kind, config, output_scaling)
+
+
+_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+
+
+def _build_skip(
+    residual_kind: str,
+    defaults: dict[str, Any],
+    output_scaling: str,
+    in_channels: int,
+    grid_size: int | tuple[int, int],
+    **overrides: Any,
+) -> GaussianResidualDenoiser:
+    schedule = {k: overrides.pop(k) for k in _SCHEDULE_KEYS if k in overrides}
+    return GaussianResidualDenoiser(
+        in_channels,
+        grid_size,
+        covariance="identity",
+        residual_kind=residual_kind,
+        residual_config={**defaults, **overrides},
+        output_scaling=output_scaling,
+        **schedule,
+    )
 
 
 for _name, _preset in DIT_PRESETS.items():
@@ -170,4 +200,8 @@ register_denoiser("gaussian-mixture", functools.partial(_fit_gaussian, fit=Gauss
 register_denoiser("gaussian-shared", functools.partial(_fit_gaussian, fit=SharedGaussianDenoiser.fit))
 register_denoiser("gaussian-window", functools.partial(_fit_gaussian, fit=fit_neighbourhood_gaussian))
 for _kind in RESIDUAL_KINDS:
-    register_denoiser(f"gaussian-residual-{_kind}", functools.partial(_fit_gaussian_residual, _kind))
+    register_denoiser(f"gaussian-residual-{_kind}", functools.partial(_fit_gaussian_residual, _kind, "none"))
+    register_denoiser(f"gaussian-residual-{_kind}-edm", functools.partial(_fit_gaussian_residual, _kind, "edm"))
+for _name, _kind, _preset in (("dit-s", "dit", DIT_PRESETS["dit-s"]), ("mlp", "mlp", {}), ("conv", "conv", {})):
+    register_denoiser(f"{_name}-skip", functools.partial(_build_skip, _kind, _preset, "none"))
+    register_denoiser(f"{_name}-edm", functools.partial(_build_skip, _kind, _preset, "edm"))

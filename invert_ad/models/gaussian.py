@@ -24,7 +24,7 @@ from ._layers import DenoiserOutput, as_timesteps, check_sample, grid_hw
 
 __all__ = ["GaussianDenoiser", "ledoit_wolf"]
 
-COVARIANCES = ("full", "diagonal")
+COVARIANCES = ("full", "diagonal", "identity")
 SHRINKAGES = ("ledoit_wolf", "diagonal")
 
 
@@ -67,10 +67,15 @@ class GaussianDenoiser(ModelMixin, ConfigMixin):
     ``P = h * w`` positions in row-major order. Before fitting they describe ``N(0, I)``. The model has no
     parameters; the closed form runs in the buffers' dtype with autocast disabled.
 
+    ``covariance="identity"`` is the standard-normal prior itself, with no buffers and nothing to fit: its eps
+    is the trivial predictor ``sqrt(1 - ab_t) x_t``, exact for features standardised to ``N(0, I)``, computed in
+    float32.
+
     Args:
         in_channels: feature channels C.
         sample_size: feature grid, an int (square) or ``(h, w)``; inputs must have this grid.
-        covariance: ``full`` (eigendecomposition per position) or ``diagonal`` (per-channel variances).
+        covariance: ``full`` (eigendecomposition per position), ``diagonal`` (per-channel variances) or
+            ``identity`` (the fixed ``N(0, I)`` prior: the trivial predictor).
         num_train_timesteps: T of the diffusion schedule the eps belongs to.
         beta_start: first beta of that schedule.
         beta_end: last beta.
@@ -106,6 +111,8 @@ class GaussianDenoiser(ModelMixin, ConfigMixin):
         self.grid = grid_hw(sample_size)
         positions = self.grid[0] * self.grid[1]
         self.alphas_cumprod = schedule_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule)
+        if covariance == "identity":
+            return
         self.register_buffer("mean", torch.zeros(positions, in_channels))
         self.register_buffer("eigenvalues", torch.ones(positions, in_channels))
         if covariance == "full":
@@ -177,9 +184,23 @@ class GaussianDenoiser(ModelMixin, ConfigMixin):
         :meth:`AnomalyDetector.fit <invert_ad.AnomalyDetector.fit>` uses it for out-of-fold scores.
         """
         config = self.config
+        if config["covariance"] == "identity":  # the fixed N(0, I) prior: nothing to fit
+            return self
         schedule = {k: config[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
         shrinkage = "ledoit_wolf" if config["covariance"] == "full" else "diagonal"
         return type(self).fit(features, shrinkage=shrinkage, **schedule).to(self.mean.device)
+
+    def alphas_cumprod_at(self, timestep: torch.Tensor | int, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Alpha-bar at integer timesteps (floats are rounded): ``(B,)`` float64 on ``device``.
+
+        Raises:
+            ValueError: a timestep outside ``[0, T - 1]``, or neither a scalar nor ``(B,)``.
+        """
+        t = as_timesteps(timestep, batch_size, device).round().long()
+        # value checks branch on data: an exported graph cannot hold them
+        if not torch.compiler.is_exporting() and ((t < 0).any() or (t >= len(self.alphas_cumprod)).any()):
+            raise ValueError(f"timesteps must lie in [0, {len(self.alphas_cumprod) - 1}], got {t.tolist()}")
+        return self.alphas_cumprod.to(device)[t]
 
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor | int, return_dict: bool = True
@@ -200,10 +221,12 @@ class GaussianDenoiser(ModelMixin, ConfigMixin):
         check_sample(sample, self.config.in_channels, self.grid)
         b, c, h, w = sample.shape
         t = as_timesteps(timestep, b, sample.device).round().long()
-        # value checks branch on data: an exported graph cannot hold them
-        if not torch.compiler.is_exporting() and ((t < 0).any() or (t >= len(self.alphas_cumprod)).any()):
-            raise ValueError(f"timesteps must lie in [0, {len(self.alphas_cumprod) - 1}], got {t.tolist()}")
-        ab = self.alphas_cumprod.to(sample.device)[t][None, :, None]  # float64 (1, B, 1)
+        ab = self.alphas_cumprod_at(t, b, sample.device)  # float64 (B,), range-checked
+        if self.config.covariance == "identity":
+            with torch.autocast(device_type=sample.device.type, enabled=False):
+                out = ((1 - ab).sqrt().float()[:, None, None, None] * sample.float()).to(sample.dtype)
+            return DenoiserOutput(sample=out) if return_dict else (out,)
+        ab = ab[None, :, None]  # (1, B, 1)
         dtype = self.mean.dtype
         with torch.autocast(device_type=sample.device.type, enabled=False):
             x = sample.to(dtype).flatten(2).permute(2, 0, 1)  # (P, B, C): one small matrix product per position

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from .lr_schedule import ema_decay_at, learning_rate_at
 __all__ = ["CHECKPOINT_NAME", "TrainResult", "init_distributed_from_env", "rank_and_world", "train_denoiser"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+REPLAN_EVERY = 10
+"""Steps between re-plans of a time-budgeted run's step count from the measured step time."""
 _RESUME_KEYS = ("batch_size", "learning_rate", "min_learning_rate", "warmup_fraction", "seed", "ema_decay")
 
 
@@ -105,6 +108,17 @@ def _time_per_step(model, features, config, alphas_cumprod, probes: int = 3) -> 
     return sorted(times[1:])[len(times[1:]) // 2] * 1.1  # median after a warm-up call, plus optimiser overhead
 
 
+def _replan(step: int, per_step: float, deadline: float, world: int) -> int:
+    """The step count that ends at ``deadline`` at ``per_step`` seconds per step, at least ``step`` (agreed on
+    by all processes)."""
+    planned = step + max(0, int((deadline - time.perf_counter()) / per_step))
+    if world > 1:
+        planned_t = torch.tensor([planned], dtype=torch.int64)
+        dist.all_reduce(planned_t, op=dist.ReduceOp.MIN)
+        planned = int(planned_t.item())
+    return planned
+
+
 def train_denoiser(
     model: torch.nn.Module,
     features: torch.Tensor,
@@ -112,8 +126,13 @@ def train_denoiser(
     config: TrainingConfig | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` to predict the noise added to ``features`` (eps-MSE, t ~ U{0..T-1}).
+
+    With a time budget and no fixed ``steps``, the step count is first planned from a few timed steps on a
+    throwaway copy, then re-planned every :data:`REPLAN_EVERY` steps from the measured time per step, so the
+    learning-rate schedule ends when the budget does (a probe on a loaded machine no longer ends a run early).
 
     Args:
         model: an epsilon network called as ``model(x_t, t)``; trained in place, on its own device.
@@ -122,13 +141,16 @@ def train_denoiser(
         config: the recipe (defaults: :class:`TrainingConfig`).
         checkpoint_dir: where to keep ``checkpoint.pt``; a run finding one there resumes from it.
         progress: show a progress bar with the loss.
+        on_step: called as ``on_step(step, ema_model)`` after every step (``step`` counts from 1), e.g. an
+            evaluation for a learning curve; single-process runs only. It must not change the model; its time
+            is not charged to the budget (the deadline moves by it).
 
     Returns:
         A :class:`TrainResult` holding the EMA model.
 
     Raises:
-        ValueError: empty or non-finite features, a batch that does not split over the processes, or a
-            checkpoint made with other settings.
+        ValueError: empty or non-finite features, a batch that does not split over the processes, ``on_step``
+            with several processes, or a checkpoint made with other settings.
     """
     config = config or TrainingConfig()
     if features.dim() < 2 or features.shape[0] == 0:
@@ -138,6 +160,8 @@ def train_denoiser(
     rank, world = rank_and_world()
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} does not split over {world} processes")
+    if on_step is not None and world > 1:
+        raise ValueError("on_step is for single-process runs (processes would disagree on the deadline)")
     local = config.batch_size // world
     start_time = time.perf_counter()
 
@@ -172,6 +196,7 @@ def train_denoiser(
             dist.all_reduce(per_step_t, op=dist.ReduceOp.MAX)
             per_step = per_step_t.item()
         total_steps = max(1, int(config.minutes * 60 / per_step))
+    replan = config.steps is None
     deadline = start_time + config.minutes * 60 if config.minutes is not None else float("inf")
 
     network = model
@@ -198,7 +223,9 @@ def train_denoiser(
         )
 
     bar = tqdm(total=total_steps, initial=step, desc="training", disable=not progress or rank != 0, unit="step")
+    first_step, step_seconds = step, 0.0
     while step < total_steps and time.perf_counter() < deadline:
+        step_start = time.perf_counter()
         lr = learning_rate_at(step, total_steps, config.learning_rate, config.min_learning_rate, config.warmup_fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -226,6 +253,14 @@ def train_denoiser(
         bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.1e}")
         if step % config.checkpoint_every == 0:
             save_checkpoint()
+        step_seconds += time.perf_counter() - step_start
+        if replan and ((step - first_step) % REPLAN_EVERY == 0 or step >= total_steps):
+            total_steps = _replan(step, step_seconds / (step - first_step), deadline, world)
+            bar.total = total_steps
+        if on_step is not None:
+            paused = time.perf_counter()
+            on_step(step, ema)
+            deadline += time.perf_counter() - paused
     bar.close()
     save_checkpoint()
     model.eval()

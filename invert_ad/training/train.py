@@ -30,6 +30,7 @@ from ..schedule import alphas_cumprod_of
 from ..scorer import InversionScorer
 from ..scoring import MahalanobisMap
 from .config import TrainingConfig
+from .diagnostics import diagnose_training
 from .loop import init_distributed_from_env, train_denoiser
 
 __all__ = ["FITTED_PRESETS", "TrainSummary", "holdout_split", "train_detector"]
@@ -192,6 +193,14 @@ def train_detector(
     if world > 1:
         torch.distributed.barrier()
 
+    diagnostics = diagnose_training(  # per-t eps-MSE, latents, scale ratio: the verdict of the card and the CLI
+        model,
+        train_features,
+        features[calibration_idx].to(device),
+        alphas_cumprod_of(scheduler),
+        grid=timesteps,
+        trained=steps > 0,
+    )
     map_statistic = None
     if map_prior is not None:
         map_statistic = MahalanobisMap.fit(train_features, prior=map_prior, pool=map_pool).to(device)
@@ -219,8 +228,10 @@ def train_detector(
         "train_seconds": round(seconds, 1),
         "final_loss": final_loss,
         "training": training.to_dict() if trains else "none (fitted in closed form)",
+        "verdict": diagnostics["verdict"],
+        "diagnostics": diagnostics,
     }
-    card_training = ", ".join(f"{k}: {v}" for k, v in info.items() if k != "training")
+    card_training = ", ".join(f"{k}: {v}" for k, v in info.items() if k not in ("training", "diagnostics"))
     if rank == 0:  # one writer; the other processes hold the same weights
         detector.save_pretrained(out_dir, model_card={"dataset": ", ".join(names), "training": card_training})
         if steps:

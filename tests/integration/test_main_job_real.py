@@ -77,6 +77,9 @@ def test_training_saves_a_loadable_calibrated_model(trained):
     assert loaded.calibration == summary.detector.calibration
     card = (summary.out_dir / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: invert_ad") and "from_pretrained" in card
+    diagnostics = summary.info["diagnostics"]
+    assert diagnostics["status"] in {"behind_trivial", "behind_gaussian", "ready"}  # trained, so not "fitted"
+    assert diagnostics["call_points"] == [0, 333, 666] and f"verdict: {summary.info['verdict']}" in card
 
 
 def test_evaluation_matches_sklearn(trained, tiny_category, tmp_path):
@@ -152,7 +155,11 @@ def test_cli_train_evaluate_predict(tiny_category, trained, tmp_path, capsys):
         )
         == 0
     )
-    assert json.loads(capsys.readouterr().out)["steps"] == 0
+    printed = capsys.readouterr()
+    record = json.loads(printed.out)
+    assert record["steps"] == 0 and record["diagnostics"]["status"] == "fitted"
+    assert f"verdict: {record['verdict']}" in printed.err and record["verdict"].startswith("fitted denoiser")
+    assert "verdict: fitted denoiser" in (model / "README.md").read_text()
     report = tmp_path / "eval.json"
     assert (
         main(

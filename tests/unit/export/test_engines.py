@@ -10,11 +10,11 @@ import json
 
 import pytest
 import torch
-from invert_ad.predict_files import predict_paths
 from torch import nn
 
 from invert_ad.engines import ENGINES, EngineDetector, EngineMismatchError, load_engine
 from invert_ad.models import GaussianDenoiser
+from invert_ad.predict_files import predict_paths
 
 TOLERANCE = 1e-4
 NATIVE = [e for e in ENGINES if e != "torch"]

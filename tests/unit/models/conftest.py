@@ -27,6 +27,10 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "gaussian-shared": {},
     "gaussian-window": {"window": 3},
 }
+TINY_OVERRIDES.update({f"{name}-edm": TINY_OVERRIDES[name] for name in list(TINY_OVERRIDES) if "residual" in name})
+TINY_OVERRIDES.update(
+    {f"{name}-{form}": TINY_OVERRIDES[name] for name in ("dit-s", "mlp", "conv") for form in ("skip", "edm")}
+)
 
 
 @pytest.fixture

@@ -23,16 +23,25 @@ from invert_ad.models import (
 
 PRESETS = [
     "conv",
+    "conv-edm",
+    "conv-skip",
     "dit-b",
     "dit-g",
     "dit-s",
+    "dit-s-edm",
+    "dit-s-skip",
     "gaussian",
     "gaussian-residual-conv",
+    "gaussian-residual-conv-edm",
     "gaussian-residual-dit",
+    "gaussian-residual-dit-edm",
     "gaussian-residual-mlp",
     "gaussian-shared",
     "gaussian-window",
+    "gaussian-residual-mlp-edm",
     "mlp",
+    "mlp-edm",
+    "mlp-skip",
 ]
 
 

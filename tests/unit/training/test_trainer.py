@@ -3,6 +3,7 @@
 import math
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -55,6 +56,32 @@ def test_loss_decreases():
 def test_time_budget_plans_steps():
     result = train_denoiser(make_model(), data(), AB, TrainingConfig(minutes=0.02, checkpoint_every=10**6))
     assert 1 <= result.steps <= result.total_steps and result.seconds < 10
+
+
+def test_an_under_planned_time_budget_is_re_planned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe that over-estimates the step time 1000-fold (a loaded machine) no longer ends the run early."""
+    from invert_ad.training import loop
+
+    monkeypatch.setattr(loop, "_time_per_step", lambda *args, **kwargs: 100.0)  # plans 1 step for 2.4 s
+    result = train_denoiser(make_model(), data(), AB, TrainingConfig(minutes=0.04, checkpoint_every=10**6))
+    assert result.steps > 2 * loop.REPLAN_EVERY and result.total_steps >= result.steps
+    assert result.seconds < 10
+
+
+def test_on_step_sees_every_step_and_its_time_is_not_charged():
+    seen = []
+
+    def evaluate(step, ema):
+        assert not ema.training and not any(p.requires_grad for p in ema.parameters())
+        seen.append(step)
+
+    config = TrainingConfig(steps=5, minutes=None, checkpoint_every=10**6)
+    result = train_denoiser(make_model(), data(), AB, config, on_step=evaluate)
+    assert seen == [1, 2, 3, 4, 5] and result.steps == 5
+    slow = train_denoiser(
+        make_model(), data(), AB, TrainingConfig(steps=4, minutes=0.01), on_step=lambda step, ema: time.sleep(0.4)
+    )
+    assert slow.steps == 4  # 1.6 s of evaluation inside a 0.6 s budget
 
 
 class Interrupt(Exception):
