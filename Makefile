@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTHON ?= python3
 
-.PHONY: venv demo test lint docs clean
+.PHONY: venv demo test test-all lint docs clean
 
 $(VENV)/.installed: pyproject.toml constraints-ci.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ lint: venv
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 test: venv lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs --durations=10 -m "not long" $(ARGS)
+
+test-all: venv lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs --durations=10 $(ARGS)
 
 docs: venv

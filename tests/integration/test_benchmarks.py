@@ -49,6 +49,7 @@ def test_flop_bound_by_hand() -> None:
     assert row["fraction_of_bound"] == pytest.approx(3.0 * flop / 1e12)
 
 
+@pytest.mark.long
 def test_speed_script_runs(tire_dir, bench_dirs) -> None:
     out = bench_dirs["out"] / "speed.json"
     speed.main(
@@ -70,6 +71,7 @@ def test_speed_script_runs(tire_dir, bench_dirs) -> None:
     assert "## Batch 32" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.long
 def test_steps_script_runs(tire_dir, bench_dirs) -> None:
     out = bench_dirs["out"] / "steps.json"
     steps.main(

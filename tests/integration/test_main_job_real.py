@@ -97,7 +97,7 @@ def test_evaluation_matches_sklearn(trained, tiny_category, tmp_path):
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["image_auroc"] == report["image_auroc"] and len(saved["per_image"]) == 8
     labels = [r["label"] for r in report["per_image"]]
-    scores = [r["score"] for r in report["per_image"]]
+    scores = [r["raw_score"] for r in report["per_image"]]
     assert report["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
     assert report["image_ap"] == pytest.approx(average_precision_score(labels, scores))
     test = MVTecDataset(tiny_category, split="test")

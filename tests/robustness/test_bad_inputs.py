@@ -150,9 +150,9 @@ def test_dangling_symlink_in_a_folder_is_reported_and_the_rest_scored(tmp_path, 
     only_broken = tmp_path / "only_broken"
     only_broken.mkdir()
     (only_broken / "x.png").symlink_to(tmp_path / "deleted.png")
-    with pytest.warns(UserWarning, match="dangling symbolic link"):
-        summary = predict_paths(small_detector, [only_broken], tmp_path / "r.csv", progress=False)
+    summary = predict_paths(small_detector, [only_broken], tmp_path / "r.json", progress=False)
     assert summary["num_images"] == 1 and summary["num_failed"] == 1
+    assert json.loads((tmp_path / "r.json").read_text())[0]["error"] == "dangling symbolic link"
 
 
 def test_dataset_skip_bad_without_and_with(zoo_dir):

@@ -87,7 +87,7 @@ def test_map_comes_from_the_statistic_and_the_score_from_the_latent() -> None:
     mapped_scorer = _scorer(train, holdout, with_map=True)
     mapped = mapped_scorer.score(test, batch_size=2)
     torch.testing.assert_close(mapped.raw_score, plain.raw_score)
-    torch.testing.assert_close(mapped.latents, plain.latents)
+    torch.testing.assert_close(mapped.latent, plain.latent)
     torch.testing.assert_close(mapped.raw_map, mapped_scorer.map_statistic(test))
     assert not torch.allclose(mapped.raw_map, plain.raw_map)
 

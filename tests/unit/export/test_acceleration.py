@@ -116,6 +116,7 @@ def test_bf16_autocast_stays_close_and_keeps_float32_outputs(detector, tire_imag
     assert 0.01 < relative_error(low, features) < 0.25  # bf16's 8-bit mantissa, compounded over the backbone
 
 
+@pytest.mark.long
 def test_compiled_detector_matches_eager_across_batch_sizes(detector, tire_images, eager_scores) -> None:
     images = tire_images["test"]
     detector.optimize(compile_mode="default")

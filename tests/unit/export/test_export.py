@@ -83,6 +83,7 @@ def residual_dit_detector(make_detector) -> AnomalyDetector:
     return make_detector("gaussian-residual-dit", "hybrid", "paper")
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_torch_export_matches_python_on_real_images(residual_dit_detector, tire_images, tmp_path):
     detector = residual_dit_detector
@@ -96,6 +97,7 @@ def test_torch_export_matches_python_on_real_images(residual_dit_detector, tire_
         assert relative_error(output, want) <= TORCH_TOLERANCE
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_onnx_matches_python_on_real_images(residual_dit_detector, tire_images, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX export needs the export extra (onnxruntime)")

@@ -215,5 +215,5 @@ def test_evaluation_records_the_settings_and_scores_with_the_backbone_dtype(make
     assert low["inference"] == {**expected, "autocast_dtype": "bfloat16", "backbone_autocast_dtype": "bfloat16"}
     assert json.loads((tmp_path / "report.json").read_text())["inference"] == low["inference"]
     assert sorted(cache.rglob("*")) == cached  # bf16 features are not cached as the float32 ones
-    scores = [torch.tensor([r["score"] for r in report["per_image"]]) for report in (eager, low)]
+    scores = [torch.tensor([r["raw_score"] for r in report["per_image"]]) for report in (eager, low)]
     assert 0 < float((scores[1] - scores[0]).norm() / scores[0].norm()) < 0.5  # the backbone ran in bf16

@@ -26,6 +26,7 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "gaussian-residual-conv": {"residual_config": {"width": 16, "depth": 1, "num_groups": 4}},
     "gaussian-shared": {},
     "gaussian-window": {"window": 3},
+    "gaussian-mixture": {"num_components": 2},
 }
 TINY_OVERRIDES.update({f"{name}-edm": TINY_OVERRIDES[name] for name in list(TINY_OVERRIDES) if "residual" in name})
 TINY_OVERRIDES.update(
