@@ -141,6 +141,7 @@ def test_predict_paths_with_an_engine_keeps_rows_and_bad_files(gaussian_stand_in
             assert abs(p["raw_score"] - r["raw_score"]) <= TOLERANCE * max(1.0, abs(p["raw_score"]))
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_cli_predict_and_evaluate_with_onnxruntime_match_torch(make_detector, tire_dir, tmp_path, capsys):
     """``--engine onnxruntime`` writes the rows and the report ``--engine torch`` writes (a bad file included)."""
