@@ -31,7 +31,7 @@ from invert_ad.defaults import DEFAULT_BACKBONE
 from invert_ad.detector import channel_statistics, upsample_maps
 from invert_ad.features import create_feature_extractor
 from invert_ad.io import atomic_write_json, atomic_write_text
-from invert_ad.metrics import evaluate_metrics
+from invert_ad.metrics import METRIC_NAMES, evaluate_metrics
 from invert_ad.training.train import holdout_split
 
 __all__ = [
@@ -65,16 +65,6 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("INVERT_AD_BENCH_CACHE", "/tmp/invert_ad
 DEFAULT_RUNS_DIR = Path(os.environ.get("INVERT_AD_BENCH_RUNS", "/tmp/invert_ad_bench_runs"))
 
 
-METRIC_HEADERS: dict[str, str] = {
-    "image_auroc": "I-AUROC",
-    "image_ap": "I-AP",
-    "image_f1max": "I-F1max",
-    "pixel_auroc": "P-AUROC",
-    "pixel_ap": "P-AP",
-    "pixel_f1max": "P-F1max",
-    "aupro": "AU-PRO",
-    "mad": "mAD",
-}
 
 
 # ----------------------------------------------------------------------------------------------- run metadata
@@ -174,12 +164,12 @@ def markdown_table(
     Args:
         rows: one dict per row.
         columns: keys to show, in order.
-        headers: display names by key (default: :data:`METRIC_HEADERS`, else the key).
+        headers: display names by key (default: :data:`invert_ad.metrics.METRIC_NAMES`, else the key).
 
     Returns:
         The table, ending with a newline.
     """
-    names = {**METRIC_HEADERS, **(headers or {})}
+    names = {**METRIC_NAMES, **(headers or {})}
     lines = [
         "| " + " | ".join(names.get(c, c) for c in columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",

@@ -27,8 +27,8 @@ import torch
 
 from invert_ad.data import ImageDataset, cached_features, load_mask, open_dataset
 from invert_ad.data.elpv import elpv_dataset
-from invert_ad.evaluation import COLUMN_NAMES, evaluate_detector
-from invert_ad.metrics import METRIC_KEYS, evaluate_metrics
+from invert_ad.evaluation import evaluate_detector
+from invert_ad.metrics import METRIC_KEYS, METRIC_NAMES, evaluate_metrics
 from invert_ad.scoring import upsample_maps
 from invert_ad.training.train import train_detector
 
@@ -116,8 +116,8 @@ def run_baselines(detector: Any, trains: dict[str, Any], tests: dict[str, Any], 
 
 
 def markdown(results: list[dict[str, Any]], names: list[str]) -> str:
-    head = "| setting | method | " + " | ".join(f"{n} {COLUMN_NAMES[k]}" for n in names for k in KEYS)
-    head += " | mean " + " | mean ".join(COLUMN_NAMES[k] for k in KEYS) + " | seconds |"
+    head = "| setting | method | " + " | ".join(f"{n} {METRIC_NAMES[k]}" for n in names for k in KEYS)
+    head += " | mean " + " | mean ".join(METRIC_NAMES[k] for k in KEYS) + " | seconds |"
     lines = [head, "|---" * (2 + len(names) * len(KEYS) + len(KEYS) + 1) + "|"]
 
     def cell(value: float | None) -> str:

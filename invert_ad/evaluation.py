@@ -19,7 +19,7 @@ from .data import FeatureCache, ImageDataset, cached_features, default_cache_dir
 from .denoiser import first_tensor
 from .detector import AnomalyDetector
 from .io import atomic_write_json, atomic_write_text, replace_directory
-from .metrics import METRIC_KEYS, evaluate_metrics
+from .metrics import METRIC_KEYS, METRIC_NAMES, evaluate_metrics
 from .scoring import ScoreOutput, hybrid_from_components
 
 __all__ = ["evaluate_categories", "evaluate_detector", "metrics_table", "time_detector"]
@@ -199,19 +199,6 @@ def evaluate_detector(
     return report
 
 
-COLUMN_NAMES = {
-    "image_auroc": "I-AUROC",
-    "image_ap": "I-AP",
-    "image_f1max": "I-F1max",
-    "pixel_auroc": "P-AUROC",
-    "pixel_ap": "P-AP",
-    "pixel_f1max": "P-F1max",
-    "aupro": "AU-PRO",
-    "mad": "mAD",
-}
-"""The papers' column names, in their order (InvAD and OSD-IRF tables)."""
-
-
 def evaluate_categories(
     detector: AnomalyDetector, data: list[str | os.PathLike], out: str | os.PathLike, **kwargs: Any
 ) -> dict[str, Any]:
@@ -262,7 +249,7 @@ def evaluate_categories(
 
 def metrics_table(summary: dict[str, Any]) -> str:
     """A Markdown table of :func:`evaluate_categories`' summary: one row per category and the mean, in percent."""
-    header = "| category | " + " | ".join(COLUMN_NAMES[k] for k in METRIC_KEYS) + " |"
+    header = "| category | " + " | ".join(METRIC_NAMES[k] for k in METRIC_KEYS) + " |"
     lines = [header, "|---" * (len(METRIC_KEYS) + 1) + "|"]
     rows = [*summary["categories"].items(), ("mean", summary["mean"])]
     for name, metrics in rows:

@@ -8,10 +8,11 @@ tensors; higher scores mean more anomalous.
 from .functional import aupro, auroc, average_precision, f1_max
 from .pixel import PIXEL_MODES, PixelMetricAccumulator, PixelMetrics
 from .resize import resize_maps, resize_masks
-from .suite import METRIC_KEYS, evaluate_metrics
+from .suite import METRIC_KEYS, METRIC_NAMES, evaluate_metrics
 
 __all__ = [
     "METRIC_KEYS",
+    "METRIC_NAMES",
     "PIXEL_MODES",
     "PixelMetricAccumulator",
     "PixelMetrics",

@@ -12,7 +12,7 @@ from ._official import invad_f1_max
 from ._validation import ArrayLike, check_image_inputs, check_pixel_inputs, require_both_classes
 from .pixel import PIXEL_MODES, PixelMetricAccumulator
 
-__all__ = ["METRIC_KEYS", "evaluate_metrics"]
+__all__ = ["METRIC_KEYS", "METRIC_NAMES", "evaluate_metrics"]
 
 METRIC_KEYS: tuple[str, ...] = (
     "image_auroc",
@@ -25,6 +25,18 @@ METRIC_KEYS: tuple[str, ...] = (
     "mad",
 )
 """Keys of the dictionary returned by :func:`evaluate_metrics`, in order."""
+
+METRIC_NAMES: dict[str, str] = {
+    "image_auroc": "I-AUROC",
+    "image_ap": "I-AP",
+    "image_f1max": "I-F1max",
+    "pixel_auroc": "P-AUROC",
+    "pixel_ap": "P-AP",
+    "pixel_f1max": "P-F1max",
+    "aupro": "AU-PRO",
+    "mad": "mAD",
+}
+"""The papers' column names of the metric keys (InvAD and OSD-IRF tables), in their order."""
 
 
 def _image_metrics(scores: np.ndarray, labels: np.ndarray, mode: str, num_bins: int) -> dict[str, float]:
