@@ -65,8 +65,6 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("INVERT_AD_BENCH_CACHE", "/tmp/invert_ad
 DEFAULT_RUNS_DIR = Path(os.environ.get("INVERT_AD_BENCH_RUNS", "/tmp/invert_ad_bench_runs"))
 
 
-
-
 # ----------------------------------------------------------------------------------------------- run metadata
 def _git(*args: str) -> str | None:
     try:
