@@ -20,6 +20,7 @@ __all__ = [
     "FinalLayer",
     "Mlp",
     "TimestepEmbedder",
+    "alpha_bars_at",
     "as_timesteps",
     "check_sample",
     "grid_hw",
@@ -78,6 +79,21 @@ def as_timesteps(timestep: torch.Tensor | float | int, batch_size: int, device: 
     if t.shape != (batch_size,):
         raise ValueError(f"timestep must be a scalar or have shape ({batch_size},), got {tuple(t.shape)}")
     return t.to(torch.float32)
+
+
+def alpha_bars_at(
+    alphas_cumprod: torch.Tensor, timestep: torch.Tensor | float | int, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """Alpha-bar ``(B,)`` (float64, on ``device``) at integer timesteps (floats are rounded), range-checked.
+
+    Raises:
+        ValueError: a timestep outside ``[0, T - 1]``, or neither a scalar nor ``(B,)``.
+    """
+    t = as_timesteps(timestep, batch_size, device).round().long()
+    # value checks branch on data: an exported graph cannot hold them
+    if not torch.compiler.is_exporting() and ((t < 0).any() or (t >= len(alphas_cumprod)).any()):
+        raise ValueError(f"timesteps must lie in [0, {len(alphas_cumprod) - 1}], got {t.tolist()}")
+    return alphas_cumprod.to(device)[t]
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from ..schedule import schedule_alphas_cumprod
-from ._layers import DenoiserOutput, as_timesteps, check_sample, grid_hw
+from ._layers import DenoiserOutput, alpha_bars_at, as_timesteps, check_sample, grid_hw
 
 __all__ = ["GaussianDenoiser", "ledoit_wolf"]
 
@@ -196,11 +196,7 @@ class GaussianDenoiser(ModelMixin, ConfigMixin):
         Raises:
             ValueError: a timestep outside ``[0, T - 1]``, or neither a scalar nor ``(B,)``.
         """
-        t = as_timesteps(timestep, batch_size, device).round().long()
-        # value checks branch on data: an exported graph cannot hold them
-        if not torch.compiler.is_exporting() and ((t < 0).any() or (t >= len(self.alphas_cumprod)).any()):
-            raise ValueError(f"timesteps must lie in [0, {len(self.alphas_cumprod) - 1}], got {t.tolist()}")
-        return self.alphas_cumprod.to(device)[t]
+        return alpha_bars_at(self.alphas_cumprod, timestep, batch_size, device)
 
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor | int, return_dict: bool = True

@@ -26,7 +26,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from ._layers import DenoiserOutput, as_timesteps, check_sample, grid_hw
+from ._layers import DenoiserOutput, alpha_bars_at, as_timesteps, check_sample, grid_hw
 from .gaussian import GaussianDenoiser
 
 __all__ = ["GaussianMixtureDenoiser", "kmeans_components"]
@@ -167,11 +167,11 @@ class GaussianMixtureDenoiser(ModelMixin, ConfigMixin):
         check_sample(sample, self.config.in_channels, self.grid)
         b, c, h, w = sample.shape
         t = as_timesteps(timestep, b, sample.device).round().long()
-        ab = self.alphas_cumprod.to(sample.device)[t.clamp(0, len(self.alphas_cumprod) - 1)]  # float64 (B,)
+        ab = alpha_bars_at(self.alphas_cumprod, t, b, sample.device)  # float64 (B,), range-checked
         x = sample.double()
         eps_all, log_density = [], []
         for component, log_weight in zip(self.components, self.log_weights, strict=True):
-            eps = component(sample, t).sample.double()  # also checks the timesteps
+            eps = component(sample, t).sample.double()
             mean = component.mean.double().transpose(0, 1).reshape(1, c, h, w)
             deviation = x - ab.sqrt().reshape(-1, 1, 1, 1) * mean
             quadratic = (deviation * eps).sum(dim=(1, 2, 3)) / (1 - ab).sqrt()

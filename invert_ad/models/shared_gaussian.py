@@ -34,7 +34,7 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from ._layers import DenoiserOutput, as_timesteps, check_sample, grid_hw
+from ._layers import DenoiserOutput, alpha_bars_at, check_sample, grid_hw
 from .gaussian import GaussianDenoiser, ledoit_wolf, schedule_alphas_cumprod
 
 __all__ = [
@@ -221,10 +221,7 @@ class SharedGaussianDenoiser(ModelMixin, ConfigMixin):
         """
         check_sample(sample, self.config.in_channels, self.grid)
         b = sample.shape[0]
-        t = as_timesteps(timestep, b, sample.device).round().long()
-        if not torch.compiler.is_exporting() and ((t < 0).any() or (t >= len(self.alphas_cumprod)).any()):
-            raise ValueError(f"timesteps must lie in [0, {len(self.alphas_cumprod) - 1}], got {t.tolist()}")
-        ab = self.alphas_cumprod.to(sample.device)[t]  # float64 (B,)
+        ab = alpha_bars_at(self.alphas_cumprod, timestep, b, sample.device)  # float64 (B,)
         dtype = self.mean.dtype
         with torch.autocast(device_type=sample.device.type, enabled=False):
             x = sample.to(dtype)
