@@ -104,6 +104,7 @@ def _train(args: argparse.Namespace, data: Any) -> Any:
         grid=args.grid,
         map_prior=args.map_prior,
         map_pool=args.map_pool,
+        unified=getattr(args, "unified", "routed"),
     )
 
 
@@ -354,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="MVTec-layout category folder or folder of normal images; several: one detector for all (unified)",
     )
     p.add_argument("--out", required=True, type=Path, help="model folder to write")
+    p.add_argument(
+        "--unified",
+        choices=["routed", "joint"],
+        default="routed",
+        help="several --data: one detector per folder behind a router (routed, default), or one denoiser on "
+        "the union with pooled thresholds (joint)",
+    )
     _add_training_args(p, minutes=10.0)
     p.set_defaults(func=cmd_train)
 

@@ -29,10 +29,13 @@ from .io import atomic_save_tensors, atomic_write_json, load_tensors, replace_di
 from .scorer import InversionScorer
 from .scoring import NotFittedError, ScoreOutput, upsample_maps
 
-__all__ = ["AnomalyDetector", "DetectorOutput", "channel_statistics"]
+__all__ = ["AnomalyDetector", "DetectorOutput", "channel_statistics", "warn_out_of_domain"]
 
 CONFIG_NAME = "detector_config.json"
 STATE_NAME = "detector_state.safetensors"
+FOLDER_CLASSES: dict[str, type[AnomalyDetector]] = {}
+"""Detector classes with their own folder layout, by the ``_class_name`` of ``detector_config.json``:
+:meth:`AnomalyDetector.from_pretrained` hands such a folder to its class (filled by the modules that define them)."""
 
 
 def channel_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +43,21 @@ def channel_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     flat = features.transpose(0, 1).flatten(1).to(torch.float64)
     std = flat.std(dim=1)
     return flat.mean(dim=1).float(), torch.where(std > 0, std, torch.ones_like(std)).float()
+
+
+def warn_out_of_domain(decisions: DetectorOutput, limit: float | None) -> None:
+    """Warn (``UserWarning``) when some images look unlike the training images (``decisions.in_domain``)."""
+    in_domain = decisions.in_domain
+    if bool(in_domain.all()):
+        return
+    domain = decisions.domain_score
+    where = "" if limit is None else f", limit {limit:.2f}"
+    warnings.warn(
+        f"{int((~in_domain).sum())} of {len(domain)} images look unlike the training images (domain score "
+        f"up to {float(domain.max()):.2f}{where}): is this the model for these parts?",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 @dataclass(frozen=True)
@@ -348,20 +366,18 @@ class AnomalyDetector:
         Raises:
             NotFittedError: the detector has no calibration (call :meth:`fit`).
         """
-        calibration = self.calibration
         out, domain = self._score_with_domain(images, batch_size)
+        decisions = self._decide(out, domain, threshold)
+        if warn:
+            warn_out_of_domain(decisions, self.calibration.domain_threshold)
+        return decisions
+
+    def _decide(self, out: ScoreOutput, domain: torch.Tensor, threshold: float) -> DetectorOutput:
+        """Decisions from raw scores (maps at ``S x S``) and domain scores, by this detector's calibration."""
+        calibration = self.calibration
         pred_score = calibration.normalize_scores(out.raw_score)
         pred_label = pred_score > threshold
         anomaly_map = calibration.normalize_maps(out.raw_map)
-        in_domain = calibration.in_domain(domain)
-        if warn and not bool(in_domain.all()):
-            warnings.warn(
-                f"{int((~in_domain).sum())} of {len(domain)} images look unlike the training images (domain score "
-                f"up to {float(domain.max()):.2f}, limit {calibration.domain_threshold:.2f}): is this the model for "
-                "these parts?",
-                UserWarning,
-                stacklevel=2,
-            )
         return DetectorOutput(
             raw_score=out.raw_score,
             pred_score=pred_score,
@@ -370,7 +386,7 @@ class AnomalyDetector:
             anomaly_map=anomaly_map,
             pred_mask=(anomaly_map > threshold) & pred_label.reshape(-1, 1, 1),
             domain_score=domain,
-            in_domain=in_domain,
+            in_domain=calibration.in_domain(domain),
         )
 
     # ------------------------------------------------------------------ persistence
@@ -392,7 +408,7 @@ class AnomalyDetector:
             model_card: optional facts for README.md: ``dataset``, ``metrics`` (dict), ``training`` (dict).
         """
         target = Path(save_directory)
-        with replace_directory(target) as tmp:
+        with replace_directory(target, marker=CONFIG_NAME) as tmp:
             self.scorer.save_pretrained(tmp)
             state = {}
             if self.feature_mean is not None:
@@ -433,6 +449,9 @@ class AnomalyDetector:
 
         folder = resolve_model_dir(pretrained, revision=revision, token=token)
         config = load_json(folder / CONFIG_NAME)
+        own_class = FOLDER_CLASSES.get(config.get("_class_name", ""))
+        if own_class is not None and own_class is not cls:
+            return own_class.from_pretrained(folder, device=device, **scorer_overrides)
         scorer = InversionScorer.from_pretrained(folder, device=device, **scorer_overrides)
         extractor_config = dict(config["feature_extractor"])
         name = extractor_config.pop("name", None)

@@ -41,6 +41,7 @@ from .calibration import domain_scores
 from .data import ImageDataset, collate_samples
 from .detector import AnomalyDetector
 from .export import ExportableDetector, _example_images, _metadata, onnx_bytes, trace_images
+from .routing import RoutedDetector
 from .scoring import ScoreOutput, upsample_maps
 
 __all__ = [
@@ -222,6 +223,11 @@ def load_engine(
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if isinstance(detector, RoutedDetector):
+        raise ValueError(
+            "engines run one detector: a RoutedDetector's experts are separate models (use --engine torch, or "
+            "load an expert folder <model>/experts/<name> on its own)"
+        )
     for name, value in (("threads", threads), ("batch_size", batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")

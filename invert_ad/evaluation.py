@@ -20,6 +20,7 @@ from .denoiser import first_tensor
 from .detector import AnomalyDetector
 from .io import atomic_write_json, atomic_write_text, replace_directory
 from .metrics import METRIC_KEYS, METRIC_NAMES, evaluate_metrics
+from .routing import RoutedDetector
 from .scoring import ScoreOutput, hybrid_from_components
 
 __all__ = ["evaluate_categories", "evaluate_detector", "metrics_table", "time_detector"]
@@ -114,6 +115,7 @@ def evaluate_detector(
         ``defect_type``.
     """
     dataset = open_dataset(data, "test", detector.image_size)
+    routed_to = None
     engine = getattr(detector, "engine", None)  # an invert_ad.engines.EngineDetector scores images end to end
     if engine is not None:
         if transductive:
@@ -132,6 +134,9 @@ def evaluate_detector(
             )
         labels, masks, records, has_masks = _masks(dataset, paths)
         features = detector.standardize(raw.to(detector.device))
+        if isinstance(detector, RoutedDetector):  # which expert each image went to: the router's accuracy
+            routed = detector.route(features)
+            routed_to = {name: int((routed == k).sum()) for k, name in enumerate(detector.experts)}
         scored = ScoreOutput.cat(
             [
                 detector.score_features(chunk, batch_size)
@@ -163,6 +168,7 @@ def evaluate_detector(
         "engine": {"name": engine.name, "threads": engine.threads, "check_max_rel_diff": engine.check}
         if engine is not None
         else {"name": "torch"},
+        "routed_to": routed_to,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "invert_ad_version": __version__,
@@ -190,7 +196,8 @@ def evaluate_detector(
         if plots:
             from .viz import save_roc_curve, save_score_histogram
 
-            threshold = detector.calibration.image_threshold if detector.is_fitted and not transductive else None
+            calibration = getattr(detector, "calibration", None) if detector.is_fitted else None  # routed: none
+            threshold = calibration.image_threshold if calibration is not None and not transductive else None
             report["plots"] = [
                 str(save_score_histogram(scores.numpy(), labels, out.with_name(out.stem + "_scores.png"), threshold)),
                 str(save_roc_curve(scores.numpy(), labels, out.with_name(out.stem + "_roc.png"))),

@@ -26,6 +26,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_replaceable",
     "load_checkpoint",
     "load_tensors",
     "load_torch_checkpoint",
@@ -193,13 +194,37 @@ def _unreadable(path: Path, err: Exception) -> ValueError:
     return ValueError(f"cannot read checkpoint {path} (truncated or corrupt?): {type(err).__name__}: {first}")
 
 
+def check_replaceable(target: str | os.PathLike, marker: str | None = None) -> None:
+    """Raise ``FileExistsError`` unless ``target`` is absent, an empty folder, or a folder holding ``marker``.
+
+    A file, or (with ``marker``) a non-empty folder without it, is someone else's data: never replaced.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} is a file, not a folder: refusing to replace it")
+    if marker is not None and target.is_dir() and any(target.iterdir()) and not (target / marker).is_file():
+        raise FileExistsError(
+            f"{target} already holds files and is not a model folder (no {marker}): refusing to replace it; "
+            "choose a new or empty folder"
+        )
+
+
 @contextlib.contextmanager
-def replace_directory(target: str | os.PathLike) -> Iterator[Path]:
+def replace_directory(target: str | os.PathLike, *, marker: str | None = None) -> Iterator[Path]:
     """Build a folder in a temporary sibling and swap it in only when the block succeeds.
 
     The old folder (if any) stays intact until the new one is complete; an exception leaves it untouched.
+
+    Args:
+        target: the folder to write.
+        marker: a file name an existing ``target`` must hold to be replaced (e.g. a model folder's config): a
+            non-empty folder without it is someone else's data and is never deleted.
+
+    Raises:
+        FileExistsError: ``target`` is a file, or a non-empty folder without ``marker``.
     """
     target = Path(target)
+    check_replaceable(target, marker)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers import DDPMScheduler
 
 from ..data import FeatureCache, ImageDataset, cached_features, default_cache_dir, open_dataset
 from ..defaults import DEFAULT_BACKBONE, DEFAULT_DENOISER
-from ..detector import AnomalyDetector, channel_statistics
+from ..detector import CONFIG_NAME, AnomalyDetector, channel_statistics
 from ..features import create_feature_extractor
+from ..io import check_replaceable
 from ..models import create_denoiser
+from ..routing import RoutedDetector
 from ..schedule import alphas_cumprod_of
 from ..scorer import InversionScorer
 from ..scoring import MahalanobisMap
@@ -107,13 +110,13 @@ def train_detector(
     grid: int = 16,
     map_prior: str | None = None,
     map_pool: int = 1,
+    unified: Literal["routed", "joint"] = "routed",
 ) -> TrainSummary:
     """Train and save a detector from normal images.
 
     Args:
         data: an MVTec-layout category folder, a plain folder of normal images, a dataset, or several of these:
-            one detector for all of them (the unified setting; calibration pooled over them, no category needed
-            at test time; ``gaussian-mixture`` fits one Gaussian per category).
+            one detector for all of them (the unified setting, no category needed at test time; see ``unified``).
         out_dir: the model folder to write (replaced atomically when done).
         backbone: a feature extractor name (:func:`invert_ad.features.list_feature_extractors`).
         denoiser: a denoiser preset (:func:`invert_ad.models.list_denoisers`).
@@ -134,20 +137,49 @@ def train_detector(
         map_prior: form the anomaly maps from a :class:`~invert_ad.scoring.MahalanobisMap` with this prior
             (``shared``, ``position`` or ``window``), fitted on the training features; ``None``: the latent's map.
         map_pool: local averaging window of that map statistic (1: none).
+        unified: with several ``data``: ``routed`` trains one detector per category (each with its own
+            standardisation, denoiser and thresholds) behind a router that picks one per image
+            (:class:`~invert_ad.routing.RoutedDetector`); ``joint`` trains one denoiser on the union, standardised
+            together, with thresholds pooled over every category (``gaussian-mixture`` then fits one Gaussian per
+            category).
 
     Returns:
         A :class:`TrainSummary`.
     """
     out_dir = Path(out_dir)
+    sources = list(data) if isinstance(data, list | tuple) else [data]
+    if not sources:
+        raise ValueError("no training data given")
+    check_replaceable(out_dir, CONFIG_NAME)  # before any work: never train for minutes to then refuse to save
+    if unified not in ("routed", "joint"):
+        raise ValueError(f"unified must be 'routed' or 'joint', got {unified!r}")
+    if len(sources) > 1 and unified == "routed":
+        settings = {
+            "backbone": backbone,
+            "denoiser": denoiser,
+            "denoiser_overrides": denoiser_overrides,
+            "timesteps": timesteps,
+            "scoring": scoring,
+            "training": training,
+            "scheduler": scheduler,
+            "holdout_fraction": holdout_fraction,
+            "folds": folds,
+            "fpr": fpr,
+            "image_size": image_size,
+            "cache_dir": cache_dir,
+            "device": device,
+            "progress": progress,
+            "grid": grid,
+            "map_prior": map_prior,
+            "map_pool": map_pool,
+        }
+        return _train_routed(sources, out_dir, settings)
     training = training or TrainingConfig()
     scheduler = scheduler or default_scheduler()
     rank, world = init_distributed_from_env()  # under torchrun: every process trains its share of each batch
     if world > 1 and device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # one GPU per process
     extractor = create_feature_extractor(backbone, image_size=image_size, grid=grid).to(device)
-    sources = list(data) if isinstance(data, list | tuple) else [data]
-    if not sources:
-        raise ValueError("no training data given")
     datasets = [open_dataset(source, "train", extractor.image_size) for source in sources]
     cache = FeatureCache(cache_dir or default_cache_dir())
     logger.info("backbone features of %d images (cached in %s)", sum(map(len, datasets)), cache.directory)
@@ -216,6 +248,7 @@ def train_detector(
     names = [_name_of(source) for source in sources]
     info = {
         "data": names[0] if len(names) == 1 else names,
+        "unified": None if len(names) == 1 else "joint",
         "categories": {name: int((category == i).sum()) for i, name in enumerate(names)},
         "backbone": backbone,
         "denoiser": denoiser,
@@ -238,6 +271,58 @@ def train_detector(
             shutil.rmtree(out_dir.with_name(out_dir.name + ".checkpoint"), ignore_errors=True)
         logger.info("saved detector to %s", out_dir)
     return TrainSummary(detector, out_dir, len(train_idx), len(calibration_idx), steps, seconds, final_loss, info)
+
+
+def _train_routed(sources: list[Any], out_dir: Path, settings: dict[str, Any]) -> TrainSummary:
+    """One detector per source (each trained as :func:`train_detector` trains one), saved as a RoutedDetector."""
+    names: list[str] = []
+    for source in sources:
+        base = _folder_name(source)
+        name, k = base, 2
+        while name in names:  # two folders of the same name: keep both
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    staging = out_dir.with_name(f".{out_dir.name}.experts")
+    summaries = {}
+    try:
+        for name, source in zip(names, sources, strict=True):
+            logger.info("expert %s (%d of %d)", name, len(summaries) + 1, len(sources))
+            summaries[name] = train_detector(source, staging / name, **settings)
+        detector = RoutedDetector({name: summary.detector for name, summary in summaries.items()})
+        cache = FeatureCache(settings["cache_dir"] or default_cache_dir())
+        features, labels = [], []
+        for k, source in enumerate(sources):  # the experts' training features, cached: the router's data
+            dataset = open_dataset(source, "train", detector.image_size)
+            raw, _ = cached_features(detector.feature_extractor, dataset, cache, progress=False)
+            features.append(raw)
+            labels.append(torch.full((len(raw),), k))
+        detector.fit_router(torch.cat(features), torch.cat(labels))
+        info = {
+            "data": [_name_of(source) for source in sources],
+            "unified": "routed",
+            "experts": {name: summary.info for name, summary in summaries.items()},
+        }
+        detector.save_pretrained(out_dir, model_card={"training": f"routed: {', '.join(names)}"})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("saved routed detector (%d experts) to %s", len(names), out_dir)
+    parts = list(summaries.values())
+    return TrainSummary(
+        detector,
+        out_dir,
+        sum(p.num_train for p in parts),
+        sum(p.num_calibration for p in parts),
+        sum(p.steps for p in parts),
+        sum(p.seconds for p in parts),
+        None,
+        info,
+    )
+
+
+def _folder_name(source: Any) -> str:
+    """A folder-safe name for a category: its folder's name, or a slug of a dataset's description."""
+    text = source.description if isinstance(source, ImageDataset) else Path(source).name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "category"
 
 
 def _name_of(source: Any) -> str:

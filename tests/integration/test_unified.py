@@ -1,5 +1,6 @@
 """One detector for several products (the unified setting), on slices of both real categories, through the CLI:
-train on two folders, evaluate on both, a table per category and the mean (checked by hand)."""
+train on two folders, evaluate on both, a table per category and the mean (checked by hand); the routed
+detector scores each category exactly as a detector trained on that category alone."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from invert_ad.cli import main
-from invert_ad.detector import AnomalyDetector
+from invert_ad import AnomalyDetector, RoutedDetector
 from invert_ad.models import GaussianMixtureDenoiser
 
 pytestmark = pytest.mark.integration
@@ -53,6 +54,8 @@ def test_unified_train_and_evaluate(tire_dir, mtd_dir, tmp_path):
                 str(model),
                 "--denoiser",
                 "gaussian-mixture",
+                "--unified",
+                "joint",
                 "--folds",
                 "2",
                 *cache,
@@ -99,3 +102,27 @@ def test_unified_train_and_evaluate(tire_dir, mtd_dir, tmp_path):
     assert mean_row[1].strip() == "mean" and float(mean_row[2]) == pytest.approx(
         100 * summary["mean"]["image_auroc"], abs=0.06
     )
+
+
+def test_routed_equals_one_detector_per_category(tire_dir, mtd_dir, tmp_path):
+    tire = slice_category(tire_dir, tmp_path / "tire", "cut")
+    mtd = slice_category(mtd_dir, tmp_path / "mtd", "blowhole")
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    train = ["--quiet", "train", "--folds", "2", "--fpr", "0.2", *cache]
+    assert main([*train, "--data", str(tire), str(mtd), "--out", str(tmp_path / "line")]) == 0
+    line = AnomalyDetector.from_pretrained(tmp_path / "line")
+    assert isinstance(line, RoutedDetector) and list(line.experts) == ["tire", "mtd"]
+    out = tmp_path / "line.json"
+    evaluate = ["--quiet", "evaluate", "--no-timing", "--heatmaps", "0", *cache]
+    assert main([*evaluate, "--model", str(tmp_path / "line"), "--data", str(tire), str(mtd), "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    for name, folder in (("tire", tire), ("mtd", mtd)):
+        model = tmp_path / f"{name}-model"
+        assert main([*train, "--data", str(folder), "--out", str(model)]) == 0
+        alone = tmp_path / f"{name}.json"
+        assert main([*evaluate, "--model", str(model), "--data", str(folder), "--out", str(alone)]) == 0
+        reference = json.loads(alone.read_text())
+        routed = json.loads(Path(summary["reports"][name]).read_text())
+        assert routed["routed_to"] == {n: (6 if n == name else 0) for n in ("tire", "mtd")}
+        assert [r["raw_score"] for r in routed["per_image"]] == [r["raw_score"] for r in reference["per_image"]]
+        assert routed["aupro"] == reference["aupro"]

@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
     {"data"},  # datasets, image reading, the feature cache
     {"calibration"},  # thresholds, normalisation, domain check
     {"detector"},  # AnomalyDetector: images -> decisions
+    {"routing"},  # RoutedDetector: one expert detector per product behind a router
     {"metrics"},  # the field's metrics
     {"adapters", "training", "evaluation", "predict_files", "export", "engines", "viz"},  # the edge
     {"cli", "__init__"},  # entry points
