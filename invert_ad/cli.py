@@ -54,7 +54,7 @@ def _training_config(args: argparse.Namespace):
 
 
 def _add_training_args(p: argparse.ArgumentParser, minutes: float | None) -> None:
-    from .defaults import DEFAULT_BACKBONE, DEFAULT_DENOISER
+    from .defaults import DEFAULT_BACKBONE, DEFAULT_DENOISER, DEFAULT_MAP_PRIOR, DEFAULT_TIMESTEPS
 
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"feature extractor (default {DEFAULT_BACKBONE})")
     p.add_argument("--denoiser", default=DEFAULT_DENOISER, help=f"denoiser preset (default {DEFAULT_DENOISER})")
@@ -66,7 +66,10 @@ def _add_training_args(p: argparse.ArgumentParser, minutes: float | None) -> Non
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--autocast", choices=["bfloat16", "float16"], default=None, help="train under autocast")
     p.add_argument(
-        "--timesteps", type=_grid, default="paper", help="inversion grid: paper, official, quad:5, 3, 0,500,999"
+        "--timesteps",
+        type=_grid,
+        default=DEFAULT_TIMESTEPS,
+        help=f"inversion grid: paper, official, exp:4, quad:5, 3, 0,500,999 (default {DEFAULT_TIMESTEPS})",
     )
     p.add_argument("--scoring", default="hybrid", help="nll, maxmin, hybrid, max, irf, reconstruction")
     p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate on normal images for thresholds")
@@ -78,9 +81,10 @@ def _add_training_args(p: argparse.ArgumentParser, minutes: float | None) -> Non
     p.add_argument("--grid", type=int, default=16, help="feature grid side (16: stride 16 at 256 px, 32: stride 8)")
     p.add_argument(
         "--map-prior",
-        choices=["shared", "position", "window"],
-        default=None,
-        help="anomaly maps from a Mahalanobis map with this Gaussian prior (default: the latent's map)",
+        choices=["shared", "position", "window", "none"],
+        default=DEFAULT_MAP_PRIOR,
+        help=f"anomaly maps from a Mahalanobis map with this Gaussian prior (default {DEFAULT_MAP_PRIOR}; shared "
+        "suits unaligned parts, position aligned ones); none: the inverted latent's map",
     )
     p.add_argument("--map-pool", type=int, default=1, help="local averaging window of --map-prior's features")
 
@@ -102,7 +106,7 @@ def _train(args: argparse.Namespace, data: Any) -> Any:
         device=args.device,
         progress=not args.quiet,
         grid=args.grid,
-        map_prior=args.map_prior,
+        map_prior=None if args.map_prior == "none" else args.map_prior,
         map_pool=args.map_pool,
         unified=getattr(args, "unified", "routed"),
     )

@@ -23,7 +23,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from ..data import FeatureCache, ImageDataset, cached_features, default_cache_dir, open_dataset
-from ..defaults import DEFAULT_BACKBONE, DEFAULT_DENOISER
+from ..defaults import DEFAULT_BACKBONE, DEFAULT_DENOISER, DEFAULT_MAP_PRIOR, DEFAULT_TIMESTEPS
 from ..detector import CONFIG_NAME, AnomalyDetector, channel_statistics
 from ..features import create_feature_extractor
 from ..io import check_replaceable
@@ -96,7 +96,7 @@ def train_detector(
     backbone: str = DEFAULT_BACKBONE,
     denoiser: str = DEFAULT_DENOISER,
     denoiser_overrides: dict[str, Any] | None = None,
-    timesteps: Any = "paper",
+    timesteps: Any = DEFAULT_TIMESTEPS,
     scoring: str = "hybrid",
     training: TrainingConfig | None = None,
     scheduler: Any | None = None,
@@ -108,7 +108,7 @@ def train_detector(
     device: str = "cpu",
     progress: bool = True,
     grid: int = 16,
-    map_prior: str | None = None,
+    map_prior: str | None = DEFAULT_MAP_PRIOR,
     map_pool: int = 1,
     unified: Literal["routed", "joint"] = "routed",
 ) -> TrainSummary:
@@ -121,7 +121,8 @@ def train_detector(
         backbone: a feature extractor name (:func:`invert_ad.features.list_feature_extractors`).
         denoiser: a denoiser preset (:func:`invert_ad.models.list_denoisers`).
         denoiser_overrides: constructor arguments for the preset.
-        timesteps, scoring: the :class:`InversionScorer` settings.
+        timesteps, scoring: the :class:`InversionScorer` settings (default grid :data:`~invert_ad.defaults.
+            DEFAULT_TIMESTEPS`).
         training: the optimisation recipe (time or step budget).
         scheduler: a diffusers scheduler carrying the schedule (default :func:`default_scheduler`); a Gaussian
             denoiser's closed form uses its betas.
@@ -135,7 +136,8 @@ def train_detector(
         progress: progress bars.
         grid: side of the feature grid every backbone stage is resized to (16: stride 16 at 256 px; 32: stride 8).
         map_prior: form the anomaly maps from a :class:`~invert_ad.scoring.MahalanobisMap` with this prior
-            (``shared``, ``position`` or ``window``), fitted on the training features; ``None``: the latent's map.
+            (``shared``, the default, ``position`` or ``window``), fitted on the training features; ``None``: the
+            latent's map.
         map_pool: local averaging window of that map statistic (1: none).
         unified: with several ``data``: ``routed`` trains one detector per category (each with its own
             standardisation, denoiser and thresholds) behind a router that picks one per image
