@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from invert_ad.cli import main
 from invert_ad import AnomalyDetector, RoutedDetector
+from invert_ad.cli import main
 from invert_ad.models import GaussianMixtureDenoiser
 
 pytestmark = pytest.mark.integration

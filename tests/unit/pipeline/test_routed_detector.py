@@ -27,7 +27,7 @@ def routed(n: int = 24, seed: int = 0) -> tuple[RoutedDetector, torch.Tensor, to
 
 
 def test_each_image_is_scored_by_its_own_expert():
-    detector, dark, bright = routed()
+    detector, _, _ = routed()
     test_dark, test_bright = products(6, seed=7)
     mixed = torch.cat([test_dark[:3], test_bright[:3], test_dark[3:], test_bright[3:]])
     expected_route = torch.tensor([0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1])
@@ -72,7 +72,7 @@ def test_save_and_load_through_anomaly_detector(tmp_path, monkeypatch):
     from invert_ad.features import _registry
 
     monkeypatch.setitem(_registry._EXTRACTORS.factories, "pool", lambda image_size=SIZE: PoolExtractor())
-    detector, dark, bright = routed(seed=2)
+    detector, _, _ = routed(seed=2)
     folder = detector.save_pretrained(tmp_path / "line")
     assert sorted(p.name for p in (folder / "experts").iterdir()) == ["bright", "dark"]
     loaded = AnomalyDetector.from_pretrained(folder)
