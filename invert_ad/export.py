@@ -39,6 +39,7 @@ from ._version import __version__
 from .calibration import domain_scores
 from .detector import AnomalyDetector
 from .io import atomic_write_bytes
+from .routing import RoutedDetector
 from .scoring import upsample_maps
 
 __all__ = [
@@ -91,6 +92,10 @@ class ExportResult:
 
 def _check_exportable(detector: AnomalyDetector) -> None:
     """Refuse detectors whose scores an exported graph could not reproduce, saying why."""
+    if isinstance(detector, RoutedDetector):
+        raise ValueError(
+            "a routed detector is one model per product: export each expert on its own (<model>/experts/<name>)"
+        )
     scorer = detector.scorer
     if not detector.is_fitted:
         raise ValueError("export needs a calibrated detector (its thresholds normalise the scores): call fit first")

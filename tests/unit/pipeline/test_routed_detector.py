@@ -130,3 +130,15 @@ def test_saving_never_replaces_a_folder_that_is_not_a_model(tmp_path):
         detector.save_pretrained(tmp_path / "file")
     detector.save_pretrained(tmp_path / "model")
     detector.save_pretrained(tmp_path / "model")  # a model folder is replaced
+
+
+def test_exports_and_engines_refuse_a_routed_detector():
+    from invert_ad.engines import load_engine
+    from invert_ad.export import ExportableDetector
+
+    detector, _, _ = routed(seed=5)
+    with pytest.raises(ValueError, match="export each expert"):
+        ExportableDetector(detector)
+    for engine in ("torch", "onnxruntime"):
+        with pytest.raises(ValueError, match="engines run one detector"):
+            load_engine(detector, engine)
