@@ -49,7 +49,7 @@ def _training_config(args: argparse.Namespace):
         batch_size=args.batch_size,
         learning_rate=args.lr,
         seed=args.seed,
-        autocast_dtype=args.autocast,
+        autocast_dtype=None if args.autocast == "none" else args.autocast,
     )
 
 
@@ -64,7 +64,12 @@ def _add_training_args(p: argparse.ArgumentParser, minutes: float | None) -> Non
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--autocast", choices=["bfloat16", "float16"], default=None, help="train under autocast")
+    p.add_argument(
+        "--autocast",
+        choices=["auto", "bfloat16", "float16", "none"],
+        default="none",
+        help="train under autocast: auto picks bfloat16 where the CPU (AVX512-BF16, AMX) or GPU runs it natively",
+    )
     p.add_argument(
         "--timesteps",
         type=_grid,

@@ -22,7 +22,9 @@ class TrainingConfig:
         weight_decay: AdamW weight decay (0 in the paper).
         grad_clip: max gradient norm.
         ema_decay: decay of the exponential moving average used for inference (warmed up early on).
-        autocast_dtype: ``"bfloat16"`` to train under autocast (CPU with avx512_bf16, or CUDA), else ``None``.
+        autocast_dtype: ``"bfloat16"`` or ``"float16"`` to train under autocast, ``None`` for float32, or
+            ``"auto"``: bfloat16 where the hardware runs it natively (a CPU with AVX512-BF16 or AMX, a CUDA device
+            with bf16 support), else float32 (:func:`~invert_ad.training.loop.resolve_autocast_dtype`).
         checkpoint_every: steps between resumable checkpoints.
         seed: seeds the generator that draws batches, timesteps and noise.
     """
@@ -53,8 +55,10 @@ class TrainingConfig:
             raise ValueError(f"warmup_fraction must lie in [0, 1), got {self.warmup_fraction}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
-        if self.autocast_dtype not in (None, "bfloat16", "float16"):
-            raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}")
+        if self.autocast_dtype not in (None, "auto", "bfloat16", "float16"):
+            raise ValueError(
+                f"autocast_dtype must be None, 'auto', 'bfloat16' or 'float16', got {self.autocast_dtype!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,7 +11,7 @@ import copy
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ class TrainResult:
         total_steps: the planned number of steps.
         losses: the training loss of every step (global batch mean on process 0).
         seconds: wall time of this call.
+        autocast_dtype: the autocast dtype the steps ran under (``"auto"`` resolved; ``None``: float32).
     """
 
     model: torch.nn.Module
@@ -48,6 +49,7 @@ class TrainResult:
     total_steps: int
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    autocast_dtype: str | None = None
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -76,6 +78,21 @@ def _draw(generator: torch.Generator, features: torch.Tensor, batch_size: int, n
     t = torch.randint(num_timesteps, (batch_size,), generator=generator)
     noise = torch.randn((batch_size, *features.shape[1:]), generator=generator)
     return idx, t, noise
+
+
+def resolve_autocast_dtype(requested: str | None, device: torch.device) -> str | None:
+    """The autocast dtype a run uses: ``"auto"`` becomes ``"bfloat16"`` where ``device`` runs bf16 natively (a CPU
+    with AVX512-BF16 or AMX tiles, a CUDA device reporting bf16 support), else ``None`` (float32); other values
+    are returned as given."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        native = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+        return "bfloat16" if native else None
+    return None
 
 
 def _loss(model, features, idx, t, noise, alphas_cumprod, autocast_dtype):
@@ -153,6 +170,8 @@ def train_denoiser(
             with several processes, or a checkpoint made with other settings.
     """
     config = config or TrainingConfig()
+    device = next(model.parameters()).device
+    config = replace(config, autocast_dtype=resolve_autocast_dtype(config.autocast_dtype, device))
     if features.dim() < 2 or features.shape[0] == 0:
         raise ValueError(f"need a non-empty batch of training features, got shape {tuple(features.shape)}")
     if not torch.isfinite(features).all():
@@ -264,4 +283,4 @@ def train_denoiser(
     bar.close()
     save_checkpoint()
     model.eval()
-    return TrainResult(ema, step, total_steps, losses, time.perf_counter() - start_time)
+    return TrainResult(ema, step, total_steps, losses, time.perf_counter() - start_time, config.autocast_dtype)

@@ -213,7 +213,7 @@ def train_detector(
             denoiser, in_channels=features.shape[1], grid_size=tuple(features.shape[2:]), **overrides
         )
     model = model.to(device)
-    steps, seconds, final_loss = 0, time.perf_counter() - start, None
+    steps, seconds, final_loss, autocast_used = 0, time.perf_counter() - start, None, None
     trains = any(p.requires_grad for p in model.parameters())
     if trains:
         logger.info("training %s (%s)", denoiser, _budget(training))
@@ -222,6 +222,7 @@ def train_detector(
             model, train_features, alphas_cumprod_of(scheduler), training, checkpoint_dir, progress=progress
         )
         model, steps, seconds = result.model, result.steps, result.seconds
+        autocast_used = result.autocast_dtype
         final_loss = sum(result.losses[-20:]) / max(1, len(result.losses[-20:])) if result.losses else None
     model = model.eval().requires_grad_(False)
     if world > 1:
@@ -262,7 +263,9 @@ def train_detector(
         "steps": steps,
         "train_seconds": round(seconds, 1),
         "final_loss": final_loss,
-        "training": training.to_dict() if trains else "none (fitted in closed form)",
+        "training": {**training.to_dict(), "autocast_dtype_used": autocast_used}
+        if trains
+        else "none (fitted in closed form)",
         "verdict": diagnostics["verdict"],
         "diagnostics": diagnostics,
     }

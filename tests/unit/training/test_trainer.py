@@ -157,3 +157,20 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for a, b in zip(ddp["state"].values(), single.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert ddp["losses"] == pytest.approx(single.losses, rel=1e-5)
+
+
+def test_auto_autocast_follows_the_hardware(monkeypatch):
+    from invert_ad.training.loop import resolve_autocast_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_autocast_dtype(None, cpu) is None and resolve_autocast_dtype("float16", cpu) == "float16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert resolve_autocast_dtype("auto", cpu) is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert resolve_autocast_dtype("auto", cpu) == "bfloat16"
+    config = TrainingConfig(steps=2, minutes=None, batch_size=4, autocast_dtype="auto")
+    result = train_denoiser(make_model(), data(8), AB, config, progress=False)
+    assert result.autocast_dtype == "bfloat16" and result.steps == 2  # the record holds what ran
+    with pytest.raises(ValueError, match="'auto'"):
+        TrainingConfig(autocast_dtype="bf16")
