@@ -450,8 +450,8 @@ DENOISER_CONFIGS: dict[str, DenoiserConfig] = _configs(
         ),
         DenoiserConfig(
             "residual-dit-s",
-            "gaussian-residual-dit",
-            {"residual_config": {"hidden_size": 256, "depth": 4, "num_heads": 4}},
+            "gaussian-residual-dit-s",
+            {},
             True,
             "Gaussian + DiT residual (dit-s size: hidden 256, depth 4, 4 heads)",
         ),

@@ -22,6 +22,7 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "conv": {"width": 32, "depth": 2, "num_groups": 8},
     "gaussian": {},
     "gaussian-residual-dit": {"residual_config": {"hidden_size": 32, "depth": 1, "num_heads": 2}},
+    "gaussian-residual-dit-s": {"residual_config": {"hidden_size": 32, "depth": 1, "num_heads": 2}},
     "gaussian-residual-mlp": {"residual_config": {"hidden_size": 32, "depth": 1, "position_embedding": True}},
     "gaussian-residual-conv": {"residual_config": {"width": 16, "depth": 1, "num_groups": 4}},
     "gaussian-shared": {},

@@ -36,6 +36,7 @@ PRESETS = [
     "gaussian-residual-conv-edm",
     "gaussian-residual-dit",
     "gaussian-residual-dit-edm",
+    "gaussian-residual-dit-s",
     "gaussian-residual-mlp",
     "gaussian-residual-mlp-edm",
     "gaussian-shared",
@@ -171,3 +172,10 @@ def test_register_denoiser_adds_and_warns_on_overwrite(monkeypatch: pytest.Monke
     assert create_denoiser("tiny-dit", 4, 2).config.hidden_size == 16
     with pytest.warns(UserWarning, match="registered again"):
         register_denoiser("tiny-dit", tiny_dit)
+
+
+def test_the_dit_s_residual_preset_has_dit_s_size(train_features) -> None:
+    model = create_denoiser("gaussian-residual-dit-s", 8, 4, features=train_features)
+    size = {k: model.config.residual_config[k] for k in ("hidden_size", "depth", "num_heads")}
+    assert size == {"hidden_size": 256, "depth": 4, "num_heads": 4}  # DiT-S (DIT_PRESETS["dit-s"])
+    assert model.config.residual_kind == "dit" and model.config.output_scaling == "none"
