@@ -218,6 +218,8 @@ def train_or_load(
         The detector and a dict describing the training (steps, seconds, loss, plan).
     """
     budget = f"{training.steps}steps" if training.steps else f"{training.minutes:g}min"
+    if training.autocast_dtype:  # a model trained in another precision is another model
+        budget += f"-{training.autocast_dtype}"
     model_dir = runs_dir / category.name / (config.name + (f"-{budget}" if config.trained else ""))
     info_path = model_dir / TRAIN_INFO
     if info_path.is_file() and not retrain:

@@ -139,6 +139,11 @@ class RoutedDetector(AnomalyDetector):
         from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
         labels = self._check_labels(features, labels)
+        channels = features.shape[1]
+        if len(self.experts) == 1:  # nothing to choose
+            self.router_weight_ = torch.zeros(1, channels, dtype=torch.float64)
+            self.router_bias_ = torch.zeros(1, dtype=torch.float64)
+            return self
         lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(
             image_descriptors(features).cpu().numpy(), labels.numpy()
         )
@@ -164,6 +169,9 @@ class RoutedDetector(AnomalyDetector):
         if labels is None or tuple(torch.as_tensor(labels).shape) != (features.shape[0],):
             raise ValueError(f"give labels: the expert index of each of the {features.shape[0]} images")
         labels = torch.as_tensor(labels).long().cpu()
+        if bool(((labels < 0) | (labels >= len(self.experts))).any()):
+            found = labels.unique().tolist()
+            raise ValueError(f"labels must be expert indices in [0, {len(self.experts)}), got {found}")
         for k, name in enumerate(self.experts):
             if not bool((labels == k).any()):
                 raise ValueError(f"no normal images for expert {name!r} (label {k})")

@@ -142,3 +142,12 @@ def test_exports_and_engines_refuse_a_routed_detector():
     for engine in ("torch", "onnxruntime"):
         with pytest.raises(ValueError, match="engines run one detector"):
             load_engine(detector, engine)
+
+
+def test_one_expert_and_bad_labels():
+    dark, _ = products(12, seed=6)
+    single = RoutedDetector({"dark": make_detector(dark).fit(dark, folds=3, fpr=0.2)})
+    single.fit_router(PoolExtractor()(dark), torch.zeros(12).long())
+    assert single.route(PoolExtractor()(dark)).tolist() == [0] * 12
+    with pytest.raises(ValueError, match=r"expert indices in \[0, 1\)"):
+        single.fit_router(PoolExtractor()(dark), torch.ones(12).long())
