@@ -48,10 +48,10 @@ def check_compile_mode(mode: str | None) -> str | None:
     return mode
 
 
-def check_batch_size(batch_size: int | None) -> int | None:
-    """Return ``batch_size`` if it is ``None`` or a positive int, else raise ``ValueError``."""
+def check_batch_size(batch_size: int | None, name: str = "compile batch_size") -> int | None:
+    """Return ``batch_size`` if it is ``None`` or a positive int, else raise ``ValueError`` naming it ``name``."""
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"compile batch_size must be a positive int or None, got {batch_size!r}")
+        raise ValueError(f"{name} must be a positive int or None, got {batch_size!r}")
     return batch_size
 
 

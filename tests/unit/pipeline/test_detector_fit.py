@@ -181,3 +181,19 @@ def test_bad_fit_arguments():
         detector.fit()
     with pytest.raises(ValueError, match="reconstruction_steps"):
         InversionScorer(detector.scorer.denoiser, scheduler(), reconstruction_steps=0)
+
+
+def test_backbone_micro_batches_give_the_same_features():
+    images = correlated_images(10, seed=8)
+    detector = make_detector(images)
+    calls = []
+    forward = detector.feature_extractor.forward
+    detector.feature_extractor.forward = lambda x: calls.append(len(x)) or forward(x)
+    whole = detector.optimize(backbone_batch_size=None).extract(images)
+    assert calls == [10]
+    calls.clear()
+    auto = detector.optimize().extract(images)  # on the CPU in eager mode: calls of CPU_BACKBONE_BATCH images
+    assert calls == [4, 4, 2] and torch.equal(auto, whole)
+    assert detector.inference_settings()["backbone_batch_size"] == "auto"
+    with pytest.raises(ValueError, match="backbone_batch_size must be a positive int"):
+        detector.optimize(backbone_batch_size=0)
