@@ -117,7 +117,15 @@ def _train(args: argparse.Namespace, data: Any) -> Any:
     )
 
 
+def _categories(folders: list[Path]) -> list[Path]:
+    """``--data`` with every dataset root replaced by its category folders (:func:`invert_ad.data.category_folders`)."""
+    from .data import category_folders
+
+    return [category for folder in folders for category in category_folders(folder)]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    args.data = _categories(args.data)
     summary = _train(args, args.data if len(args.data) > 1 else args.data[0])
     print(json.dumps({"model": str(summary.out_dir), **summary.info}, indent=2, default=str))
     if summary.info.get("verdict"):
@@ -203,6 +211,7 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    args.data = _categories(args.data)
     from .detector import AnomalyDetector
 
     overrides = {k: v for k, v in (("timesteps", args.timesteps), ("scoring", args.scoring)) if v is not None}
@@ -361,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         nargs="+",
         metavar="DIR",
-        help="MVTec-layout category folder or folder of normal images; several: one detector for all (unified)",
+        help="MVTec-layout category folder, folder of normal images, or a dataset root (its category folders); "
+        "several: one detector for all (unified)",
     )
     p.add_argument("--out", required=True, type=Path, help="model folder to write")
     p.add_argument(
@@ -382,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         nargs="+",
         metavar="DIR",
-        help="MVTec-layout category folder(s) (test split); several: a table per category and the mean",
+        help="MVTec-layout category folder(s) or a dataset root (test splits); several: a table per category and "
+        "the mean",
     )
     p.add_argument("--out", required=True, type=Path, help="JSON report to write")
     p.add_argument(

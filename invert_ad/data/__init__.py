@@ -13,7 +13,7 @@ from .base import GOOD, DatasetProblem, ImageDataset, ImageRecord, Sample, colla
 from .cache import FeatureCache, cached_features, default_cache_dir, extractor_key, file_digest
 from .folder import FolderDataset
 from .images import IMAGE_EXTENSIONS, ImageReadError, list_images, load_image, load_mask
-from .layout import open_dataset
+from .layout import category_folders, open_dataset
 from .mvtec import MVTecDataset
 from .visa import VisADataset
 
@@ -30,6 +30,7 @@ __all__ = [
     "Sample",
     "VisADataset",
     "cached_features",
+    "category_folders",
     "collate_samples",
     "default_cache_dir",
     "extractor_key",

@@ -9,7 +9,22 @@ from .base import ImageDataset
 from .folder import FolderDataset
 from .mvtec import MVTecDataset
 
-__all__ = ["open_dataset"]
+__all__ = ["category_folders", "open_dataset"]
+
+
+def _is_category(folder: Path) -> bool:
+    return (folder / "train").is_dir() or (folder / "test").is_dir()
+
+
+def category_folders(data: str | os.PathLike) -> list[Path]:
+    """The categories a ``--data`` folder stands for: itself, or, for a dataset root (a folder holding no
+    ``train``/``test`` split but MVTec-layout category folders, as MVTec AD's and VisA's downloads do), every
+    such category folder in it, sorted by name."""
+    root = Path(data)
+    if not root.is_dir() or _is_category(root):
+        return [root]
+    found = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_category(p))
+    return found or [root]
 
 
 def open_dataset(data: str | os.PathLike | ImageDataset, split: str, image_size: int) -> ImageDataset:
@@ -29,7 +44,7 @@ def open_dataset(data: str | os.PathLike | ImageDataset, split: str, image_size:
     root = Path(data)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
-    if (root / "train").is_dir() or (root / "test").is_dir():
+    if _is_category(root):
         return MVTecDataset(root, split=split, image_size=image_size, skip_bad=True)
     if split != "train":
         raise ValueError(f"{root} is a plain folder of normal images: it has no {split!r} split")

@@ -22,7 +22,14 @@ from typing import Any, Literal
 import torch
 from diffusers import DDPMScheduler
 
-from ..data import FeatureCache, ImageDataset, cached_features, default_cache_dir, open_dataset
+from ..data import (
+    FeatureCache,
+    ImageDataset,
+    cached_features,
+    category_folders,
+    default_cache_dir,
+    open_dataset,
+)
 from ..defaults import DEFAULT_BACKBONE, DEFAULT_DENOISER, DEFAULT_MAP_PRIOR, DEFAULT_TIMESTEPS
 from ..detector import CONFIG_NAME, AnomalyDetector, channel_statistics
 from ..features import create_feature_extractor
@@ -117,6 +124,8 @@ def train_detector(
     Args:
         data: an MVTec-layout category folder, a plain folder of normal images, a dataset, or several of these:
             one detector for all of them (the unified setting, no category needed at test time; see ``unified``).
+            A dataset root (category folders inside, :func:`~invert_ad.data.category_folders`) stands for all
+            its categories.
         out_dir: the model folder to write (replaced atomically when done).
         backbone: a feature extractor name (:func:`invert_ad.features.list_feature_extractors`).
         denoiser: a denoiser preset (:func:`invert_ad.models.list_denoisers`).
@@ -149,7 +158,8 @@ def train_detector(
         A :class:`TrainSummary`.
     """
     out_dir = Path(out_dir)
-    sources = list(data) if isinstance(data, list | tuple) else [data]
+    given = list(data) if isinstance(data, list | tuple) else [data]
+    sources = [c for d in given for c in (category_folders(d) if isinstance(d, str | os.PathLike) else [d])]
     if not sources:
         raise ValueError("no training data given")
     check_replaceable(out_dir, CONFIG_NAME)  # before any work: never train for minutes to then refuse to save

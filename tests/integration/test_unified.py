@@ -13,6 +13,7 @@ import pytest
 
 from invert_ad import AnomalyDetector, RoutedDetector
 from invert_ad.cli import main
+from invert_ad.data import category_folders
 from invert_ad.models import GaussianMixtureDenoiser
 
 pytestmark = pytest.mark.integration
@@ -109,6 +110,7 @@ def test_routed_equals_one_detector_per_category(tire_dir, mtd_dir, tmp_path):
     mtd = slice_category(mtd_dir, tmp_path / "mtd", "blowhole")
     cache = ["--cache-dir", str(tmp_path / "cache")]
     train = ["--quiet", "train", "--folds", "2", "--fpr", "0.2", *cache]
+    assert category_folders(tmp_path) == [mtd, tire]  # a dataset root stands for its category folders
     assert main([*train, "--data", str(tire), str(mtd), "--out", str(tmp_path / "line")]) == 0
     line = AnomalyDetector.from_pretrained(tmp_path / "line")
     assert isinstance(line, RoutedDetector) and list(line.experts) == ["tire", "mtd"]

@@ -254,3 +254,18 @@ def test_collate_of_only_bad_samples_is_empty(with_bad_file):
     with pytest.warns(UserWarning, match="skipping"):
         batch = collate_samples([dataset[2]])
     assert batch["image"].shape == (0, 3, 8, 8) and batch["path"] == [] and len(batch["skipped"]) == 1
+
+
+def test_a_dataset_root_stands_for_its_categories(tmp_path):
+    from invert_ad.data import category_folders
+
+    for name in ("bottle", "cable"):
+        (tmp_path / "root" / name / "train" / "good").mkdir(parents=True)
+    (tmp_path / "root" / "license_files").mkdir()
+    (tmp_path / "root" / ".cache" / "train").mkdir(parents=True)
+    root = tmp_path / "root"
+    assert category_folders(root) == [root / "bottle", root / "cable"]
+    assert category_folders(root / "bottle") == [root / "bottle"]  # a category is itself
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert category_folders(plain) == [plain]  # a folder of normal images is itself
