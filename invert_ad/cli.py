@@ -67,8 +67,9 @@ def _add_training_args(p: argparse.ArgumentParser, minutes: float | None) -> Non
     p.add_argument(
         "--autocast",
         choices=["auto", "bfloat16", "float16", "none"],
-        default="none",
-        help="train under autocast: auto picks bfloat16 where the CPU (AVX512-BF16, AMX) or GPU runs it natively",
+        default="auto",
+        help="train under autocast (default auto: bfloat16 where the CPU has AVX512-BF16 or AMX, or the GPU runs "
+        "it natively, else float32; none: float32)",
     )
     p.add_argument(
         "--timesteps",

@@ -38,7 +38,7 @@ class TrainingConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    autocast_dtype: str | None = None
+    autocast_dtype: str | None = "auto"
     checkpoint_every: int = 100
     seed: int = 0
 
