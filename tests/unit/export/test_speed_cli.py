@@ -163,7 +163,7 @@ def test_train_and_demo_keep_autocast_for_training(capsys) -> None:
         args = parser.parse_args([*argv, "--autocast", "bfloat16"])
         assert _training_config(args).autocast_dtype == "bfloat16"
     demo = parser.parse_args(["demo", "--compile", "default", "--channels-last"])
-    assert (demo.compile, demo.channels_last, demo.autocast) == ("default", True, None)
+    assert (demo.compile, demo.channels_last, demo.autocast) == ("default", True, "auto")  # bf16 where native
     with pytest.raises(SystemExit):  # demo's --autocast trains; its evaluation has no autocast flags
         parser.parse_args(["demo", "--autocast-backbone"])
     assert "unrecognized arguments: --autocast-backbone" in capsys.readouterr().err
@@ -204,6 +204,7 @@ def test_evaluation_records_the_settings_and_scores_with_the_backbone_dtype(make
         "channels_last": False,
         "autocast_dtype": None,
         "backbone_autocast_dtype": None,
+        "backbone_batch_size": "auto",
     }
     cached = sorted(cache.rglob("*"))
     detector.optimize(channels_last=True, autocast_dtype="bfloat16", autocast_backbone=True)
