@@ -30,7 +30,7 @@ import torch
 from ._version import __version__
 from .calibration import domain_scores
 from .detector import CONFIG_NAME, FOLDER_CLASSES, AnomalyDetector, DetectorOutput, warn_out_of_domain
-from .hub import load_json, push_folder_to_hub, resolve_model_dir
+from .hub import load_json, resolve_model_dir
 from .io import atomic_save_tensors, atomic_write_json, atomic_write_text, load_tensors, replace_directory
 from .scoring import NotFittedError, ScoreOutput
 
@@ -281,9 +281,6 @@ class RoutedDetector(AnomalyDetector):
                 f"test time).\n\n{listing}\n\nLoad with `invert_ad.AnomalyDetector.from_pretrained(path)`.\n",
             )
         return target
-
-    def push_to_hub(self, repo_id: str, *, private: bool = True, token: str | None = None, **kwargs: Any) -> str:
-        return push_folder_to_hub(self.save_pretrained, repo_id, private=private, token=token, **kwargs)
 
     @classmethod
     def from_pretrained(
