@@ -21,3 +21,9 @@ the paper's grid."""
 DEFAULT_MAP_PRIOR = "shared"
 """The anomaly maps of ``invert-ad train``: a Mahalanobis map under one Gaussian shared by all grid positions
 (:class:`~invert_ad.scoring.MahalanobisMap`), which does not assume aligned parts (``None``: the latent's map)."""
+
+CPU_BACKBONE_BATCH = 4
+"""Images per backbone call on a CPU in eager mode (``AnomalyDetector.optimize(backbone_batch_size="auto")`` and
+the feature cache). Large batches overflow the caches: EfficientNet-Lite0 at 256 px, one thread, took 132 ms per
+image at batch 32 against 38-41 ms in calls of 1 to 4 images (the activations of a 32-image batch are hundreds of
+MB; depthwise convolutions are bound by memory traffic). Compiled graphs and GPUs take the whole batch."""

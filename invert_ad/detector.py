@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .acceleration import autocast, check_autocast_dtype, check_batch_size, check_compile_mode, compile_function
 from .calibration import Calibration, domain_scores, fit_calibration
+from .defaults import CPU_BACKBONE_BATCH
 from .denoiser import denoiser_in_channels
 from .hub import detector_model_card, load_json, push_folder_to_hub, resolve_model_dir
 from .io import atomic_save_tensors, atomic_write_json, load_tensors, replace_directory
@@ -33,11 +34,6 @@ __all__ = ["AnomalyDetector", "DetectorOutput", "channel_statistics", "warn_out_
 
 CONFIG_NAME = "detector_config.json"
 STATE_NAME = "detector_state.safetensors"
-CPU_BACKBONE_BATCH = 4
-"""Images per backbone call on a CPU in eager mode (``backbone_batch_size="auto"``). Large batches overflow the
-caches: EfficientNet-Lite0 at 256 px, one thread, took 132 ms per image at batch 32 against 38-41 ms in calls of
-1 to 4 images (the activations of a 32-image batch are hundreds of MB; depthwise convolutions are bound by memory
-traffic). Compiled graphs and GPUs take the whole batch."""
 FOLDER_CLASSES: dict[str, type[AnomalyDetector]] = {}
 """Detector classes with their own folder layout, by the ``_class_name`` of ``detector_config.json``:
 :meth:`AnomalyDetector.from_pretrained` hands such a folder to its class (filled by the modules that define them)."""

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from ..defaults import CPU_BACKBONE_BATCH
 from ..features.extractor import FeatureExtractor
 from .base import ImageDataset, collate_samples
 
@@ -158,7 +159,9 @@ def cached_features(
             skipped += batch["skipped"]
             if not batch["path"]:
                 continue
-            computed = extractor(batch["image"].to(device)).float().cpu()
+            images = batch["image"].to(device)
+            calls = images.split(CPU_BACKBONE_BATCH if device.type == "cpu" else len(images))  # see the constant
+            computed = torch.cat([extractor(part) for part in calls]).float().cpu()
             for index, row in zip(batch["index"].tolist(), computed, strict=True):
                 features[index] = row
                 if cache is not None:
