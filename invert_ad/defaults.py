@@ -24,6 +24,7 @@ DEFAULT_MAP_PRIOR = "shared"
 
 CPU_BACKBONE_BATCH = 4
 """Images per backbone call on a CPU in eager mode (``AnomalyDetector.optimize(backbone_batch_size="auto")`` and
-the feature cache). Large batches overflow the caches: EfficientNet-Lite0 at 256 px, one thread, took 132 ms per
-image at batch 32 against 38-41 ms in calls of 1 to 4 images (the activations of a 32-image batch are hundreds of
-MB; depthwise convolutions are bound by memory traffic). Compiled graphs and GPUs take the whole batch."""
+the feature cache). Large batches overflow the caches: EfficientNet-Lite0 at 256 px on the idle 2-core machine
+took 40.1 ms per image in one 32-image call against 24.1 ms in calls of 4 (``benchmarks/results/
+backbone_batches.md``; the activations of a 32-image batch are hundreds of MB, and depthwise convolutions are bound
+by memory traffic). Compiled graphs and GPUs take the whole batch."""
