@@ -223,9 +223,14 @@ def export_program(detector: AnomalyDetector, images: torch.Tensor | None = None
 def trace_images(module: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
     """``torch.export`` of a module taking images ``(B, 3, S, S)``, the batch axis dynamic.
 
+    The module runs once eagerly on ``example`` first, so that what it builds lazily from its weights (such as
+    the Gaussian denoiser's inversion map) exists before tracing and enters the graph as a constant.
+
     Raises:
         ValueError: a module on the path branches on tensor values (named with its file and line).
     """
+    with torch.no_grad():
+        module(example)
     batch = torch.export.Dim("batch", min=1)
     try:
         return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))

@@ -11,16 +11,26 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["EpsFn", "add_noise", "ddim_integrate", "ddim_step", "one_step_irf"]
+__all__ = ["EpsFn", "add_noise", "ddim_coefficients", "ddim_integrate", "ddim_step", "one_step_irf"]
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def ddim_coefficients(alpha_bar: float, alpha_bar_next: float) -> tuple[float, float]:
+    """``(c_x, c_eps)`` of the DDIM step ``x_next = c_x x + c_eps eps`` from ``alpha_bar`` to ``alpha_bar_next``.
+
+    ``x0hat = (x - sqrt(1 - a) eps) / sqrt(a)`` and ``x_next = sqrt(a_next) x0hat + sqrt(1 - a_next) eps``, so
+    ``c_x = sqrt(a_next / a)`` and ``c_eps = sqrt(1 - a_next) - c_x sqrt(1 - a)``, as Python floats (float64).
+    """
+    a, a_next = float(alpha_bar), float(alpha_bar_next)
+    scale = (a_next / a) ** 0.5
+    return scale, (1.0 - a_next) ** 0.5 - scale * (1.0 - a) ** 0.5
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar: float, alpha_bar_next: float) -> torch.Tensor:
     """One deterministic DDIM step from alpha-bar ``alpha_bar`` to ``alpha_bar_next``.
 
-    ``x0hat = (x - sqrt(1 - a) eps) / sqrt(a)`` and ``x_next = sqrt(a_next) x0hat + sqrt(1 - a_next) eps``,
-    written as ``x_next = c_x x + c_eps eps`` with both coefficients computed in float64.
+    ``x_next = c_x x + c_eps eps`` with the coefficients of :func:`ddim_coefficients` (float64).
 
     Args:
         x: the state at alpha-bar ``alpha_bar``, any shape.
@@ -31,9 +41,7 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar: float, alpha_bar_ne
     Returns:
         The state at ``alpha_bar_next``, shape and dtype of ``x``.
     """
-    a, a_next = float(alpha_bar), float(alpha_bar_next)
-    scale = (a_next / a) ** 0.5
-    c_eps = (1.0 - a_next) ** 0.5 - scale * (1.0 - a) ** 0.5
+    scale, c_eps = ddim_coefficients(alpha_bar, alpha_bar_next)
     return x * scale + eps.to(x.dtype) * c_eps
 
 

@@ -275,7 +275,19 @@ class InversionScorer:
         """
         x = self._check_features(features)
         with torch.inference_mode():
-            return ddim_integrate(self._eps, x, self.grid.call_points, self._grid_alpha_bars, return_trajectory)
+            if return_trajectory:
+                return ddim_integrate(self._eps, x, self.grid.call_points, self._grid_alpha_bars, True)
+            return self._invert(x)
+
+    def _invert(self, x: torch.Tensor) -> torch.Tensor:
+        """The final inverted latent: the denoiser's ``closed_form_inversion`` where it has one (the Gaussian
+        denoisers: one matrix product per position for the whole grid), else the Euler steps."""
+        closed_form = getattr(self.denoiser, "closed_form_inversion", None)
+        if closed_form is not None and self.prediction_type == "epsilon":
+            latent = closed_form(x, self.grid.call_points, self._grid_alpha_bars)
+            if latent is not None:
+                return latent
+        return ddim_integrate(self._eps, x, self.grid.call_points, self._grid_alpha_bars)
 
     def irf(self, features: torch.Tensor) -> torch.Tensor:
         """OSD-IRF's one-step field ``eps(sqrt(ab_t) x0, t)`` at ``irf_timestep``, ``(B, C, h, w)``."""
@@ -316,7 +328,7 @@ class InversionScorer:
         """
         kind = self.latent_kind
         if kind == "inversion":
-            latent = ddim_integrate(self._eps, x, self.grid.call_points, self._grid_alpha_bars)
+            latent = self._invert(x)
         elif kind == "irf":
             latent = self._irf(x)
         else:

@@ -13,12 +13,14 @@ Mahalanobis statistics. Covariances are estimated with Ledoit-Wolf shrinkage (or
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
+from ..inversion import ddim_coefficients
 from ..schedule import schedule_alphas_cumprod
 from ._layers import DenoiserOutput, alpha_bars_at, as_timesteps, check_sample, grid_hw
 
@@ -57,6 +59,11 @@ def ledoit_wolf(x: torch.Tensor, assume_centered: bool = False) -> tuple[torch.T
     identity = torch.eye(c, dtype=x.dtype, device=x.device)
     s = shrinkage[..., None, None]
     return (1 - s) * emp + s * mu[..., None, None] * identity, shrinkage
+
+
+def _floats(values: Sequence[float] | torch.Tensor) -> list[float]:
+    """Python floats of a sequence or tensor (``tolist`` reads a constant tensor while tracing, too)."""
+    return values.tolist() if isinstance(values, torch.Tensor) else [float(v) for v in values]
 
 
 class GaussianDenoiser(ModelMixin, ConfigMixin):
@@ -111,14 +118,15 @@ class GaussianDenoiser(ModelMixin, ConfigMixin):
         self.grid = grid_hw(sample_size)
         positions = self.grid[0] * self.grid[1]
         self.alphas_cumprod = schedule_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule)
+        self._operators: dict[int, torch.Tensor] = {}  # timestep -> M_t, see _cached_operator
+        self._inversion_maps: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see closed_form_inversion
+        self._operator_state: tuple | None = None
         if covariance == "identity":
             return
         self.register_buffer("mean", torch.zeros(positions, in_channels))
         self.register_buffer("eigenvalues", torch.ones(positions, in_channels))
         if covariance == "full":
             self.register_buffer("eigenvectors", torch.eye(in_channels).expand(positions, -1, -1).clone())
-        self._operators: dict[int, torch.Tensor] = {}  # timestep -> M_t, see _cached_operator
-        self._operator_state: tuple | None = None
 
     @classmethod
     def fit(
@@ -240,6 +248,17 @@ class GaussianDenoiser(ModelMixin, ConfigMixin):
         out = eps.permute(1, 2, 0).reshape(b, c, h, w).to(sample.dtype)
         return DenoiserOutput(sample=out) if return_dict else (out,)
 
+    def _valid_caches(self) -> bool:
+        """Empty the caches of derived matrices if the statistics changed (``fit``, ``load_state_dict``, ``to``);
+        ``False`` where no change could be detected (inference-mode buffers have no version counter)."""
+        buffers = list(self.buffers(recurse=False))
+        if any(v.is_inference() for v in buffers):
+            return False
+        state = tuple((v.data_ptr(), v._version, v.dtype, v.device) for v in buffers)
+        if self._operator_state != state:
+            self._operators, self._inversion_maps, self._operator_state = {}, {}, state
+        return True
+
     def _cached_operator(self, t: torch.Tensor) -> torch.Tensor | None:
         """``M_t`` of :meth:`operator` ``(P, C, C)`` if all samples of the batch share one timestep, else ``None``.
 
@@ -247,21 +266,111 @@ class GaussianDenoiser(ModelMixin, ConfigMixin):
         :attr:`max_cached_operators` timesteps, which makes each later call one batched matrix product (reading
         ``P C^2`` numbers once) instead of two rotations by the eigenvectors; a batch of mixed timesteps, a
         further timestep, or tracing (``torch.compile``, ``torch.export``: the check reads tensor values) use
-        the two rotations. The cache is dropped when the statistics change (``fit``, ``load_state_dict``, ``to``).
+        the two rotations.
         """
-        buffers = (self.eigenvalues, self.eigenvectors)
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or any(v.is_inference() for v in buffers):
-            return None  # inference-mode buffers have no version counter to detect a change by
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or not self._valid_caches():
+            return None
         first = int(t[0])
         if not bool((t == first).all()):
             return None
-        state = tuple((v.data_ptr(), v._version, v.dtype, v.device) for v in buffers)
-        if self._operator_state != state:
-            self._operators, self._operator_state = {}, state
         if first not in self._operators and len(self._operators) < self.max_cached_operators:
             with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, usable in any mode
                 self._operators[first] = self.operator(first).to(self.eigenvectors.dtype)
         return self._operators.get(first)
+
+    def inversion_map(
+        self, call_points: Sequence[int], alpha_bars: Sequence[float] | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact affine map of DDIM inversion with this eps: ``x_K = A_p x_0 + b_p`` at every position ``p``.
+
+        Every ``M_t`` shares the eigenvectors ``U_p``, so each Euler step of
+        :func:`~invert_ad.inversion.ddim_integrate` (``x <- c_x x + c_eps M_t (x - sqrt(a_t) mu_p)``) is diagonal
+        in the eigenbasis and the whole inversion composes into ``A_p = U_p diag(d_p) U_p^T`` with
+        ``d_p = prod_k (c_x,k + c_eps,k g_k(l_p))`` and an offset ``b_p`` along the mean: one matrix per position
+        for any number of calls.
+
+        Args:
+            call_points: the ``K`` integer timesteps eps is evaluated at (the model's own alpha-bars there).
+            alpha_bars: the ``K + 1`` alpha-bars of the steps (those ``ddim_integrate`` receives).
+
+        Returns:
+            ``A`` ``(P, C, C)`` (symmetric) for a full covariance, its diagonal ``(P, C)`` otherwise, and ``b``
+            ``(P, C)``, float64 on the buffers' device.
+
+        Raises:
+            ValueError: ``len(alpha_bars) != len(call_points) + 1``, or a timestep outside ``[0, T - 1]``.
+        """
+        steps = _floats(alpha_bars)
+        if len(steps) != len(call_points) + 1:
+            raise ValueError(f"need {len(call_points) + 1} alpha-bars for {len(call_points)} calls, got {len(steps)}")
+        covariance = self.config.covariance
+        if covariance == "identity":
+            positions, channels = self.grid[0] * self.grid[1], self.config.in_channels
+            values = torch.ones(positions, channels, dtype=torch.float64)
+            mean = torch.zeros_like(values)
+        else:
+            values, mean = self.eigenvalues.to(torch.float64), self.mean.to(torch.float64)
+        vectors = self.eigenvectors.to(torch.float64) if covariance == "full" else None
+        rotated_mean = mean if vectors is None else (vectors.mT @ mean[..., None])[..., 0]  # U^T mu per position
+        model_bars = self.alphas_cumprod_at(torch.as_tensor(list(call_points)), len(call_points), values.device)
+        diagonal, offset = torch.ones_like(values), torch.zeros_like(values)
+        for k, a in enumerate(model_bars.tolist()):
+            scale, c_eps = ddim_coefficients(steps[k], steps[k + 1])
+            gain = c_eps * (1 - a) ** 0.5 / (a * values + (1 - a))
+            diagonal, offset = (scale + gain) * diagonal, (scale + gain) * offset - gain * a**0.5 * rotated_mean
+        if vectors is None:
+            return diagonal, offset
+        return (vectors * diagonal[:, None, :]) @ vectors.mT, (vectors @ offset[..., None])[..., 0]
+
+    @torch.compiler.disable  # eager under torch.compile too: the cache is checked against the real buffers
+    def _cached_inversion_map(
+        self, call_points: Sequence[int], alpha_bars: Sequence[float] | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        key = (tuple(int(t) for t in call_points), tuple(_floats(alpha_bars)))
+        if torch.compiler.is_exporting():  # the buffers are fake while exporting: use what an eager call built
+            return self._inversion_maps.get(key)
+        if not self._valid_caches():
+            return None
+        if key not in self._inversion_maps:
+            dtype = self.mean.dtype if self.config.covariance != "identity" else torch.float32
+            with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable in any mode
+                self._inversion_maps[key] = tuple(m.to(dtype) for m in self.inversion_map(*key))
+        return self._inversion_maps[key]
+
+    def closed_form_inversion(
+        self, sample: torch.Tensor, call_points: Sequence[int], alpha_bars: Sequence[float] | torch.Tensor
+    ) -> torch.Tensor | None:
+        """``ddim_integrate(eps, sample, call_points, alpha_bars)`` in one matrix product per position.
+
+        Applies :meth:`inversion_map`, built in float64 on first use for these points (stored in the buffers'
+        dtype) and kept until the statistics change: the whole inversion then reads ``P C^2`` numbers once,
+        instead of twice per call (the rotations of :meth:`forward`). :class:`~invert_ad.InversionScorer` calls it
+        for its latents. Equal to the Euler steps up to floating-point rounding.
+
+        Args:
+            sample: features at ``call_points[0]``, ``(B, C, h, w)``.
+            call_points: the ``K`` timesteps of the calls.
+            alpha_bars: the ``K + 1`` step alpha-bars.
+
+        Returns:
+            The final state ``(B, C, h, w)`` in the dtype of ``sample``, or ``None`` where the map cannot be had
+            without tracing its construction (exporting before any eager call, inference-mode buffers): then use
+            :func:`~invert_ad.inversion.ddim_integrate`.
+
+        Raises:
+            ValueError: a wrong input shape, or alpha-bars that do not fit the points.
+        """
+        check_sample(sample, self.config.in_channels, self.grid)
+        maps = self._cached_inversion_map(call_points, alpha_bars)
+        if maps is None:
+            return None
+        matrix, offset = maps
+        b, c, h, w = sample.shape
+        with torch.autocast(device_type=sample.device.type, enabled=False):
+            x = sample.to(offset.dtype).flatten(2).permute(2, 0, 1)  # (P, B, C)
+            x = torch.bmm(x, matrix) if matrix.dim() == 3 else x * matrix[:, None, :]  # A symmetric: rows (A x)^T
+            x = x + offset[:, None, :]
+        return x.permute(1, 2, 0).reshape(b, c, h, w).to(sample.dtype)
 
     def operator(self, timestep: int) -> torch.Tensor:
         """The symmetric matrices ``M_t = sqrt(1 - a) U diag(1 / (a l + 1 - a)) U^T`` per position, float64.

@@ -178,3 +178,24 @@ def test_a_trained_toy_model_ranks_outliers_above_inliers():
     assert auroc > 0.95
     z = scorer.invert(inliers)
     assert 0.7 < z.std() < 1.3 and z.mean().abs() < 0.3  # inverted normal data look like N(0, I)
+
+
+def test_a_gaussian_denoiser_inverts_in_closed_form_with_the_steps_latent():
+    """The scorer takes the Gaussian's one-product inversion; a plain callable of the same eps takes the steps."""
+    from invert_ad.models import GaussianDenoiser
+
+    g = torch.Generator().manual_seed(3)
+    mixing = torch.randn(6, 6, generator=g)
+    features = torch.einsum("dc,nchw->ndhw", mixing, torch.randn(40, 6, 3, 3, generator=g)) + torch.linspace(-1, 1, 9).reshape(3, 3)
+    gaussian = GaussianDenoiser.fit(features)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    closed = InversionScorer(gaussian, scheduler, timesteps="exp:4")
+    stepped = InversionScorer(lambda x, t: gaussian(x, t).sample, scheduler, timesteps="exp:4")
+    x = torch.randn(4, 6, 3, 3, generator=g)
+    latent = closed.invert(x)
+    assert len(gaussian._inversion_maps) == 1
+    torch.testing.assert_close(latent, stepped.invert(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(closed.latents(x), latent, rtol=0, atol=0)
+    _, trajectory = closed.invert(x, return_trajectory=True)  # the states on the way are the steps'
+    assert len(trajectory) == 5
+    torch.testing.assert_close(trajectory[-1], latent, rtol=1e-5, atol=1e-5)

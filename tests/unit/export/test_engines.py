@@ -91,21 +91,7 @@ def test_bad_engine_arguments_are_named(gaussian_stand_in):
 
 @pytest.mark.long
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "engine",
-    [
-        "onnxruntime",
-        pytest.param(
-            "openvino",
-            marks=pytest.mark.xfail(
-                raises=EngineMismatchError,
-                strict=True,
-                reason="OpenVINO 2026.4 miscomputes the 192-channel Gaussian eps graph (relative error 3.9 on the "
-                "denoiser alone, ONNX Runtime 1e-6; the bmm and alpha-bar pieces alone agree): load_engine refuses it",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
 def test_engine_matches_python_on_real_images(make_detector, tire_images, engine):
     """The default detector's path (lite0 features, Gaussian, hybrid on the paper grid) on real tire images."""
     _require(engine)

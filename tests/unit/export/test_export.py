@@ -175,3 +175,12 @@ def test_value_dependent_checks_are_reported_with_the_fix(stand_in_detector):
     with pytest.raises(ValueError, match=r"test_export\.py:\d+ \(forward\) branches on tensor values") as raised:
         export_program(detector)
     assert "torch.compiler.is_exporting()" in str(raised.value)
+
+
+def test_the_exported_gaussian_inversion_is_one_matrix_product(make_detector):
+    """However many calls the grid makes, the graph holds the Gaussian's inversion map: one bmm per position,
+    no rotation by the eigenvectors (which the traced eps would do twice per call)."""
+    detector = make_detector("gaussian", "hybrid", "exp:4")
+    program = export_program(detector)
+    nodes = [node for module in program.graph_module.modules() for node in module.graph.nodes]  # autocast regions
+    assert sum(node.target == torch.ops.aten.bmm.default for node in nodes) == 1

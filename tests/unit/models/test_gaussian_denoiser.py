@@ -10,7 +10,7 @@ from sklearn.covariance import LedoitWolf
 
 from invert_ad.inversion import ddim_integrate
 from invert_ad.models import GaussianDenoiser, GaussianResidualDenoiser, ledoit_wolf
-from invert_ad.schedule import linear_alphas_cumprod, spaced_grid
+from invert_ad.schedule import linear_alphas_cumprod, resolve_grid, spaced_grid
 
 
 def _alphas_cumprod_numpy() -> np.ndarray:
@@ -246,3 +246,61 @@ def test_operator_cache_is_bounded_and_follows_the_statistics(train_features: to
     assert torch.equal(model(x, 0).sample, other(x, 0).sample)
     assert list(model._operators) == [0]
     assert torch.equal(model.double()(x.double(), 1).sample, other.double()(x.double(), 1).sample)
+
+
+def _reference_eps(model: GaussianDenoiser, features: torch.Tensor, x_t: torch.Tensor, step: int) -> torch.Tensor:
+    """eps* by hand for each covariance kind: sklearn's Ledoit-Wolf solve, per-channel variances, or N(0, I)."""
+    covariance = model.config.covariance
+    if covariance == "full":
+        return _closed_form_eps(features, x_t, torch.full((len(x_t),), step))
+    a = float(_alphas_cumprod_numpy()[step])
+    x = x_t.double()
+    if covariance == "identity":
+        return (1 - a) ** 0.5 * x
+    mu, var = features.double().mean(dim=0), features.double().var(dim=0, correction=0)
+    return (1 - a) ** 0.5 * (x - a**0.5 * mu) / (a * var + 1 - a)
+
+
+@pytest.mark.parametrize("covariance", ["full", "diagonal", "identity"])
+@pytest.mark.parametrize("spacing", ["exp:4", "paper", 7])
+def test_closed_form_inversion_is_the_euler_steps(train_features: torch.Tensor, covariance: str, spacing) -> None:
+    """The whole DDIM inversion as one affine map per position equals the steps written out in float64."""
+    if covariance == "identity":
+        model = GaussianDenoiser(in_channels=8, sample_size=4, covariance="identity")
+    else:
+        model = GaussianDenoiser.fit(train_features, shrinkage="ledoit_wolf" if covariance == "full" else "diagonal")
+    grid = resolve_grid(spacing, 1000)
+    bars = grid.alpha_bars(model.alphas_cumprod).tolist()
+    x0 = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(2))
+    expected = x0.double()
+    for k, step in enumerate(grid.call_points):  # x <- sqrt(a'/a) x + (sqrt(1 - a') - sqrt(a'/a) sqrt(1 - a)) eps
+        a, a_next = bars[k], bars[k + 1]
+        eps = _reference_eps(model, train_features, expected, step)
+        expected = (a_next / a) ** 0.5 * expected + ((1 - a_next) ** 0.5 - (a_next / a * (1 - a)) ** 0.5) * eps
+    got = model.closed_form_inversion(x0, grid.call_points, bars)
+    assert got.dtype == torch.float32 and got.shape == x0.shape
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    matrix, offset = model.inversion_map(grid.call_points, bars)
+    assert matrix.shape == ((16, 8, 8) if covariance == "full" else (16, 8)) and offset.shape == (16, 8)
+    if covariance == "full":
+        torch.testing.assert_close(matrix, matrix.mT)
+
+
+def test_closed_form_inversion_follows_the_statistics(train_features: torch.Tensor) -> None:
+    model = GaussianDenoiser.fit(train_features)
+    other = GaussianDenoiser.fit(train_features[:32])
+    grid = resolve_grid("paper", 1000)
+    bars = grid.alpha_bars(model.alphas_cumprod)
+    x = torch.randn(2, 8, 4, 4)
+    first = model.closed_form_inversion(x, grid.call_points, bars)
+    assert len(model._inversion_maps) == 1  # built once, kept
+    assert torch.equal(model.closed_form_inversion(x, grid.call_points, bars), first)
+    model.load_state_dict(other.state_dict())  # new statistics: the cached map must not be reused
+    assert torch.equal(
+        model.closed_form_inversion(x, grid.call_points, bars), other.closed_form_inversion(x, grid.call_points, bars)
+    )
+    with pytest.raises(ValueError, match="alpha-bars"):
+        model.inversion_map(grid.call_points, bars[:-1])
+    with torch.inference_mode():
+        frozen = GaussianDenoiser.fit(train_features)  # inference-mode buffers: no version counter to trust
+    assert frozen.closed_form_inversion(x, grid.call_points, bars) is None
