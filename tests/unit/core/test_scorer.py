@@ -186,7 +186,8 @@ def test_a_gaussian_denoiser_inverts_in_closed_form_with_the_steps_latent():
 
     g = torch.Generator().manual_seed(3)
     mixing = torch.randn(6, 6, generator=g)
-    features = torch.einsum("dc,nchw->ndhw", mixing, torch.randn(40, 6, 3, 3, generator=g)) + torch.linspace(-1, 1, 9).reshape(3, 3)
+    base = torch.randn(40, 6, 3, 3, generator=g)
+    features = torch.einsum("dc,nchw->ndhw", mixing, base) + torch.linspace(-1, 1, 9).reshape(3, 3)
     gaussian = GaussianDenoiser.fit(features)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     closed = InversionScorer(gaussian, scheduler, timesteps="exp:4")
