@@ -9,8 +9,9 @@ of a call after a warm-up call. Reported: latency at batch 1 (ms per image), thr
 (images/s), peak resident memory, and agreement with torch eager on the same images: Spearman rank correlation
 of the raw scores and the largest map difference relative to the largest map value.
 
-The FLOP bound: the backbone's FLOPs per image counted by ``torch.utils.flop_counter`` (convolutions and matrix
-products, 2 per multiply-add) plus the default grid's Gaussian calls and the shared map (``2 P C^2`` each),
+The FLOP bound: the detector's FLOPs per image counted by ``torch.utils.flop_counter`` (convolutions and matrix
+products, 2 per multiply-add) on one real image, the backbone's and the scorer's (the Gaussian's inversion and the
+shared map, ``2 P C^2`` each) apart,
 against a measured float32 matrix product rate on the same threads (a practical peak of the CPU) and the
 nominal AVX2 FMA peak (``cores x 2 FMA units x 8 lanes x 2 FLOP x clock``).
 
@@ -142,18 +143,16 @@ def flop_bound(args: argparse.Namespace) -> dict[str, Any]:
     """FLOPs per image of the default detector and the CPU's measured / nominal float32 rates."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from invert_ad.defaults import DEFAULT_TIMESTEPS
-    from invert_ad.features import create_feature_extractor
-    from invert_ad.schedule import resolve_grid
-
     torch.set_num_threads(args.threads)
-    extractor = create_feature_extractor("efficientnet_lite0").eval()
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        features = extractor(torch.rand(1, 3, 256, 256))
-    backbone = counter.get_total_flops()
-    _, c, h, w = features.shape
-    calls = len(resolve_grid(DEFAULT_TIMESTEPS).call_points)
-    gaussian = calls * 2 * h * w * c * c + 2 * h * w * c * c  # the inversion's calls and the shared map's product
+    detector = _detector(args.category, args.cache_dir)
+    image = sample_images(args.category, 1)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            features = detector.extract(image)
+        backbone = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:  # the inversion, the statistic and the map, as scored
+            detector.scorer.score(features)
+        scorer = counter.get_total_flops()
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
     with torch.inference_mode():
@@ -173,10 +172,10 @@ def flop_bound(args: argparse.Namespace) -> dict[str, Any]:
     except OSError:
         pass
     nominal = args.threads * 2 * 8 * 2 * clock_ghz if clock_ghz else None
-    total = backbone + gaussian
+    total = backbone + scorer
     return {
         "backbone_gflop_per_image": backbone / 1e9,
-        "gaussian_gflop_per_image": gaussian / 1e9,
+        "scorer_gflop_per_image": scorer / 1e9,
         "total_gflop_per_image": total / 1e9,
         "measured_sgemm_gflops": measured,
         "nominal_avx2_fma_gflops": nominal,
@@ -261,7 +260,7 @@ def markdown(result: dict[str, Any]) -> str:
         ),
         "## FLOP bound\n",
         f"{bound['backbone_gflop_per_image']:.3f} GFLOP per image in the backbone plus "
-        f"{bound['gaussian_gflop_per_image']:.3f} in the Gaussian calls and the map; a float32 matrix product runs at "
+        f"{bound['scorer_gflop_per_image']:.3f} in the scorer (inversion and map); a float32 matrix product runs at "
         f"{bound['measured_sgemm_gflops']:.1f} GFLOP/s on these threads (nominal AVX2 FMA peak "
         f"{bound['nominal_avx2_fma_gflops'] or float('nan'):.1f}), so the bound is "
         f"{bound['bound_images_per_s_measured']:.0f} images/s "
