@@ -296,7 +296,8 @@ class InversionScorer:
             return self._irf(x)
 
     def _irf(self, x: torch.Tensor) -> torch.Tensor:
-        return one_step_irf(self._eps, x, self.irf_timestep, float(self.alphas_cumprod[self.irf_timestep]))
+        alpha_bar = self.alphas_cumprod.tolist()[self.irf_timestep]  # a Python float, also while exporting
+        return one_step_irf(self._eps, x, self.irf_timestep, alpha_bar)
 
     def reconstruct(self, features: torch.Tensor) -> torch.Tensor:
         """The baseline: noise to ``reconstruction_timestep`` with fixed noise, DDIM-denoise to clean.

@@ -184,3 +184,13 @@ def test_the_exported_gaussian_inversion_is_one_matrix_product(make_detector):
     program = export_program(detector)
     nodes = [node for module in program.graph_module.modules() for node in module.graph.nodes]  # autocast regions
     assert sum(node.target == torch.ops.aten.bmm.default for node in nodes) == 1
+
+
+def test_a_one_step_irf_detector_exports(make_detector, tire_images):
+    """The IRF path reads its alpha-bar as a Python float while tracing (indexing a tensor there is data-dependent)."""
+    detector = make_detector("gaussian", "irf", "paper")
+    images = tire_images["test"][:3]
+    got = export_program(detector).module()(images)
+    want = python_outputs(detector, images)
+    for have, expected in zip(got, want, strict=True):
+        assert relative_error(have.detach(), expected) <= 1e-5
