@@ -319,8 +319,10 @@ class AnomalyDetector:
         With a denoiser that can be refitted from features (one with a ``refit(features)`` method, such as
         :class:`~invert_ad.models.GaussianDenoiser`) and ``folds``, every image is scored out of fold: the
         denoiser is refitted on ``k - 1`` folds and inverts the held-out one, so the thresholds come from all
-        images, none of them seen by the denoiser that scored it. The denoiser itself is left as given (fitted on
-        all of them). Any other denoiser is frozen: give normal images it was not trained on.
+        images, none of them seen by the denoiser that scored it; a map statistic made by
+        :meth:`MahalanobisMap.fit <invert_ad.scoring.MahalanobisMap.fit>` is refitted on the same folds for the
+        pixel thresholds. The denoiser and the map statistic themselves are left as given (fitted on all of them).
+        Any other denoiser is frozen: give normal images it was not trained on.
 
         Args:
             normal_images: ``(N, 3, S, S)`` in ``[0, 1]``, or
@@ -340,19 +342,26 @@ class AnomalyDetector:
         n = features.shape[0]
         refit = getattr(self.scorer.denoiser, "refit", None)
         k = min(folds, n) if folds is not None and folds > 1 and callable(refit) else None
+        map_statistic = self.scorer.map_statistic
+        grid_map = None
         if k is not None and n >= 4:
             fold_of = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) % k
             latents = torch.empty_like(features)
+            if getattr(map_statistic, "can_refit", False):  # any callable may form the maps; refit: MahalanobisMap
+                grid_map = features.new_empty(n, *features.shape[2:])
             for fold in tqdm(range(k), desc="out-of-fold scores", unit="fold", disable=not progress):
                 held = fold_of == fold
                 scorer = self.scorer.with_denoiser(refit(features[~held]))
                 latents[held] = scorer.latents(features[held], batch_size).to(latents.dtype)
+                if grid_map is not None:  # the maps out of fold too
+                    grid_map[held] = map_statistic.refit(features[~held])(features[held]).to(grid_map.dtype)
         else:
             k = None
             latents = self.scorer.latents(features, batch_size)
         self.scorer.fit_latents(latents)
         out = self.scorer.statistic.score(latents)
-        grid_map = self.scorer.final_maps(features, out.raw_map)  # a map statistic's maps when the scorer has one
+        if grid_map is None:  # a map statistic's maps when the scorer has one
+            grid_map = self.scorer.final_maps(features, out.raw_map)
         raw_map = upsample_maps(grid_map.float(), (self.image_size, self.image_size)).cpu()
         self.calibration_ = fit_calibration(
             out.raw_score.cpu(), raw_map, fpr, folds=k, domain_score=domain_scores(features).cpu()

@@ -61,6 +61,8 @@ class MahalanobisMap:
             :class:`~invert_ad.models.GaussianDenoiser` (per position, possibly neighbourhood-pooled), fitted on
             features pooled with the same ``pool``.
         pool: odd side of the local averaging window, in grid cells (1: none).
+        fit_options: how :meth:`fit` made the prior (``{"prior": kind, **fit_kwargs}``; set by :meth:`fit` and
+            saved), so that :meth:`refit` can make another on other features; ``None`` for a prior given as is.
 
     Raises:
         TypeError: ``prior`` is not one of those classes.
@@ -74,7 +76,7 @@ class MahalanobisMap:
 
     name: ClassVar[str] = "mahalanobis"
 
-    def __init__(self, prior: torch.nn.Module, pool: int = 1) -> None:
+    def __init__(self, prior: torch.nn.Module, pool: int = 1, fit_options: dict[str, Any] | None = None) -> None:
         from ..models import GaussianDenoiser, SharedGaussianDenoiser
 
         if not isinstance(prior, (GaussianDenoiser, SharedGaussianDenoiser)):
@@ -84,6 +86,7 @@ class MahalanobisMap:
         _check_pool(pool)
         self.prior = prior.eval().requires_grad_(False)
         self.pool = pool
+        self.fit_options = None if fit_options is None else dict(fit_options)
 
     @classmethod
     def fit(
@@ -115,7 +118,30 @@ class MahalanobisMap:
         model = create_denoiser(
             MAP_PRIORS[prior], features.shape[1], tuple(features.shape[2:]), features=pooled, **fit_kwargs
         )
-        return cls(model, pool)
+        return cls(model, pool, {"prior": prior, **fit_kwargs})
+
+    @property
+    def can_refit(self) -> bool:
+        """Whether :meth:`refit` knows how the prior was made (it was made by :meth:`fit`)."""
+        return self.fit_options is not None
+
+    def refit(self, features: torch.Tensor) -> MahalanobisMap:
+        """A new statistic of this one's kind (prior, its fit options, ``pool``) fitted on other features.
+
+        :meth:`AnomalyDetector.fit <invert_ad.AnomalyDetector.fit>` uses it to calibrate the maps out of fold:
+        in sample, a per-position prior fitted on a few hundred images makes the training images' distances far
+        smaller than a new image's.
+
+        Args:
+            features: ``(N, C, h, w)`` standardised features of normal images.
+
+        Raises:
+            ValueError: the statistic was built from a prior directly (no fit options to repeat).
+        """
+        if self.fit_options is None:
+            raise ValueError("this MahalanobisMap was built from a prior directly; refit needs MahalanobisMap.fit")
+        device = self.prior.mean.device
+        return type(self).fit(features.to(device), pool=self.pool, **self.fit_options).to(device)
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         """The map of features ``(B, C, h, w)`` on the prior's grid: ``(B, h, w)`` float32 on their device."""
@@ -131,7 +157,8 @@ class MahalanobisMap:
 
     def get_config(self) -> dict[str, Any]:
         """What :func:`load_map_statistic` needs besides the saved prior: name, prior class and ``pool``."""
-        return {"name": self.name, "prior": type(self.prior).__name__, "pool": self.pool}
+        config = {"name": self.name, "prior": type(self.prior).__name__, "pool": self.pool}
+        return config if self.fit_options is None else {**config, "fit_options": self.fit_options}
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write the prior (config.json + safetensors) into ``save_directory``."""
@@ -140,11 +167,14 @@ class MahalanobisMap:
         return folder
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, pool: int = 1) -> MahalanobisMap:
-        """Load the prior saved with :meth:`save_pretrained`; ``pool`` comes from the saved config."""
+    def from_pretrained(
+        cls, directory: str | os.PathLike, pool: int = 1, fit_options: dict[str, Any] | None = None
+    ) -> MahalanobisMap:
+        """Load the prior saved with :meth:`save_pretrained`; ``pool`` and ``fit_options`` come from the saved
+        config (folders saved before ``fit_options`` existed load without them: no :meth:`refit`)."""
         from ..models import load_denoiser
 
-        return cls(load_denoiser(str(directory)), pool)
+        return cls(load_denoiser(str(directory)), pool, fit_options)
 
     def __repr__(self) -> str:
         grid = "x".join(map(str, self.prior.grid))

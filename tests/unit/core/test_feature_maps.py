@@ -40,9 +40,16 @@ def test_shared_map_is_the_mahalanobis_distance_by_hand() -> None:
 def test_fit_builds_the_named_prior(prior: str, cls: type) -> None:
     statistic = MahalanobisMap.fit(_features(10), prior=prior)
     assert isinstance(statistic.prior, cls)
-    assert statistic.get_config() == {"name": "mahalanobis", "prior": cls.__name__, "pool": 1}
+    config = {"name": "mahalanobis", "prior": cls.__name__, "pool": 1, "fit_options": {"prior": prior}}
+    assert statistic.get_config() == config
     window = MahalanobisMap.fit(_features(10), prior="window", window=3)
     assert isinstance(window.prior, GaussianDenoiser)
+    assert window.fit_options == {"prior": "window", "window": 3}
+    refitted = window.refit(_features(12, seed=4))  # the same kind, on other features
+    expected = MahalanobisMap.fit(_features(12, seed=4), prior="window", window=3)
+    assert torch.equal(refitted.prior.eigenvalues, expected.prior.eigenvalues)
+    with pytest.raises(ValueError, match="refit needs MahalanobisMap"):
+        MahalanobisMap(statistic.prior).refit(_features(10))
 
 
 def test_bad_map_statistics() -> None:
@@ -97,8 +104,14 @@ def test_map_statistic_round_trips_through_save_pretrained(tmp_path: Path) -> No
     scorer = _scorer(train, holdout, with_map=True)
     scorer.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "scorer_config.json").read_text())
-    assert config["map_statistic"] == {"name": "mahalanobis", "prior": "SharedGaussianDenoiser", "pool": 3}
+    assert config["map_statistic"] == {
+        "name": "mahalanobis",
+        "prior": "SharedGaussianDenoiser",
+        "pool": 3,
+        "fit_options": {"prior": "shared"},
+    }
     loaded = InversionScorer.from_pretrained(tmp_path)
+    assert loaded.map_statistic.can_refit and loaded.map_statistic.pool == 3
     expected, got = scorer.score(test), loaded.score(test)
     assert torch.equal(got.raw_map, expected.raw_map)
     assert torch.equal(got.raw_score, expected.raw_score)

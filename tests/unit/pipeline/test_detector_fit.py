@@ -197,3 +197,24 @@ def test_backbone_micro_batches_give_the_same_features():
     assert detector.inference_settings()["backbone_batch_size"] == "auto"
     with pytest.raises(ValueError, match="backbone_batch_size must be a positive int"):
         detector.optimize(backbone_batch_size=0)
+
+
+def test_map_thresholds_are_out_of_fold_too():
+    """A per-position Mahalanobis map is refitted on the folds: its pixel threshold is the quantile of each image's
+    largest distance under a Ledoit-Wolf Gaussian fitted without it (the maps' bilinear upsampling keeps the max)."""
+    from invert_ad.scoring import MahalanobisMap
+
+    images = correlated_images(40, seed=0)
+    features = standardized(images)[0]
+    detector = make_detector(images, map_statistic=MahalanobisMap.fit(features, prior="position"))
+    detector.fit(images, folds=4, fpr=0.125, seed=3)
+    fold_of = (torch.randperm(40, generator=torch.Generator().manual_seed(3)) % 4).numpy()
+    x = features.double().numpy()
+    expected = np.zeros(40)
+    for fold in range(4):
+        held = fold_of == fold
+        expected[held] = mahalanobis_max(x[~held], x[held])
+    threshold = detector.calibration.pixel_threshold
+    assert threshold == pytest.approx(np.quantile(expected, 0.875), rel=1e-4)
+    assert np.quantile(mahalanobis_max(x, x), 0.875) < 0.95 * threshold  # in sample it would be optimistic
+    assert detector.scorer.map_statistic.prior.mean.shape == (4, 3)  # the statistic itself: fitted on all images
