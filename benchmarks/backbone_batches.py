@@ -13,11 +13,8 @@ Command that produced ``benchmarks/results/backbone_batches.json``::
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -32,21 +29,12 @@ from common import (
     RESULTS_DIR,
     add_threads_argument,
     markdown_table,
+    median_seconds,
     run_info,
     write_results,
 )
 
 CALL_SIZES = (1, 2, 4, 8, 16, 32)
-
-
-def _median_seconds(fn: Any, rounds: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,13 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with torch.inference_mode():
         for size in CALL_SIZES:
-            seconds = _median_seconds(lambda s=size: [extractor(c) for c in images.split(s)], args.rounds)
+            seconds = median_seconds(lambda s=size: [extractor(c) for c in images.split(s)], args.rounds)
             rows.append({"part": "backbone", "call_size": size, "ms_per_image": 1000 * seconds / len(images)})
     with tempfile.TemporaryDirectory() as tmp:
         detector = train_detector(args.category, Path(tmp) / "m", cache_dir=args.cache_dir, progress=False).detector
     for setting in (None, "auto"):
         detector.optimize(backbone_batch_size=setting)
-        seconds = _median_seconds(lambda: detector.score(images, batch_size=32), args.rounds)
+        seconds = median_seconds(lambda: detector.score(images, batch_size=32), args.rounds)
         size = CPU_BACKBONE_BATCH if setting == "auto" else len(images)
         rows.append(
             {

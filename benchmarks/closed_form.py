@@ -18,9 +18,7 @@ Command that produced ``benchmarks/results/closed_form.json``::
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +36,12 @@ from common import (
     RESULTS_DIR,
     add_threads_argument,
     markdown_table,
+    median_seconds,
     run_info,
     write_results,
 )
 
 BATCHES = (1, 8, 32)
-
-
-def _median_ms(fn: Any, rounds: int) -> float:
-    fn()  # warm-up (builds the inversion map on the closed form's first call)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 class _Backbone(nn.Module):
@@ -106,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         for part, fn in parts.items():
             with torch.inference_mode():
-                ms = _median_ms(fn, args.rounds)
+                ms = 1000 * median_seconds(fn, args.rounds)
             rows.append({"part": part, "batch": batch, "ms_per_image": ms / batch})
     result = {
         "benchmark": "closed_form",

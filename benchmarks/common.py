@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -52,6 +53,7 @@ __all__ = [
     "load_json_file",
     "load_results",
     "markdown_table",
+    "median_seconds",
     "parse_args",
     "peak_rss_mb",
     "run_info",
@@ -227,6 +229,17 @@ def default_data_dirs() -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------- command line
+def median_seconds(fn: Any, rounds: int) -> float:
+    """Median wall time of ``rounds`` calls of ``fn()`` in seconds, after one warm-up call (which builds caches)."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """``--threads``: torch CPU threads, applied by :func:`parse_args`."""
     parser.add_argument(

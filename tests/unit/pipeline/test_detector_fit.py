@@ -70,18 +70,24 @@ def mahalanobis_max(train: np.ndarray, test: np.ndarray) -> np.ndarray:
     return out.max(axis=1)
 
 
+def out_of_fold_mahalanobis_max(x: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """:func:`mahalanobis_max` of each image under a Gaussian fitted on the other folds (``fit``'s assignment)."""
+    fold_of = (torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)) % folds).numpy()
+    expected = np.zeros(len(x))
+    for fold in range(folds):
+        held = fold_of == fold
+        expected[held] = mahalanobis_max(x[~held], x[held])
+    return expected
+
+
 def test_out_of_fold_thresholds_match_sklearn():
     """With S = 999 the inversion of a Gaussian is whitening, so the max-norm score is PaDiM's Mahalanobis
     distance; out of fold, each image's distance comes from a Gaussian fitted on the other folds."""
     images = correlated_images(40, seed=0)
     features = standardized(images)[0]
     detector = make_detector(images).fit(images, folds=4, fpr=0.125, seed=3)
-    fold_of = (torch.randperm(40, generator=torch.Generator().manual_seed(3)) % 4).numpy()
     x = features.double().numpy()
-    expected = np.zeros(40)
-    for fold in range(4):
-        held = fold_of == fold
-        expected[held] = mahalanobis_max(x[~held], x[held])
+    expected = out_of_fold_mahalanobis_max(x, folds=4, seed=3)
     calibration = detector.calibration
     assert calibration.folds == 4 and calibration.num_images == 40
     assert calibration.image_threshold == pytest.approx(
@@ -208,12 +214,8 @@ def test_map_thresholds_are_out_of_fold_too():
     features = standardized(images)[0]
     detector = make_detector(images, map_statistic=MahalanobisMap.fit(features, prior="position"))
     detector.fit(images, folds=4, fpr=0.125, seed=3)
-    fold_of = (torch.randperm(40, generator=torch.Generator().manual_seed(3)) % 4).numpy()
     x = features.double().numpy()
-    expected = np.zeros(40)
-    for fold in range(4):
-        held = fold_of == fold
-        expected[held] = mahalanobis_max(x[~held], x[held])
+    expected = out_of_fold_mahalanobis_max(x, folds=4, seed=3)
     threshold = detector.calibration.pixel_threshold
     assert threshold == pytest.approx(np.quantile(expected, 0.875), rel=1e-4)
     assert np.quantile(mahalanobis_max(x, x), 0.875) < 0.95 * threshold  # in sample it would be optimistic
