@@ -5,12 +5,13 @@ images ``(B, 3, S, S)`` in ``[0, 1]`` go in; ``raw_score``, ``pred_score`` and `
 (the names of :class:`~invert_ad.DetectorOutput`). Its forward calls the library's own functions, nothing
 re-implemented: the extractor's forward,
 :meth:`AnomalyDetector.standardize <invert_ad.detector.AnomalyDetector.standardize>`,
-:func:`~invert_ad.inversion.ddim_integrate` over the grid's alpha-bars (or
-:func:`~invert_ad.inversion.one_step_irf`), the statistic's own ``score``, :func:`~invert_ad.scoring.upsample_maps`
+:func:`~invert_ad.inversion.ddim_integrate` over the grid's alpha-bars (the Gaussian denoiser's
+``closed_form_inversion``, where the scorer uses it; or :func:`~invert_ad.inversion.one_step_irf`), the
+statistic's own ``score``, :func:`~invert_ad.scoring.upsample_maps`
 and :meth:`Calibration.normalize_scores <invert_ad.calibration.Calibration.normalize_scores>`.
 Tracing unrolls the loop into a fixed sequence of network calls with constant coefficients; fitted state (the
-feature statistics, the hybrid normalisation's location and scale, the thresholds) becomes constants of the
-graph.
+feature statistics, the Gaussian's inversion map, the hybrid normalisation's location and scale, the thresholds)
+becomes constants of the graph.
 
 Both exporters trace once with ``torch.export`` (batch axis dynamic), serialise the graph, run the serialised
 bytes (with onnxruntime, or ``torch.export.load``) and the Python path (:meth:`AnomalyDetector.score`) on the
