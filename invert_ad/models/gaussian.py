@@ -9,6 +9,10 @@ prediction is
 Deterministic DDIM inversion with this eps maps features to their whitened deviation
 ``Sigma_p^{-1/2} (x_0 - mu_p)`` at the end of the schedule, which makes the InvAD scores PaDiM-like
 Mahalanobis statistics. Covariances are estimated with Ledoit-Wolf shrinkage (or kept diagonal).
+
+Every ``M_t = sqrt(1 - a) U diag(1 / (a l + 1 - a)) U^T`` shares ``U``, so the Euler steps of that inversion are
+diagonal in the eigenbasis and compose into one affine map per position for any grid
+(:meth:`GaussianDenoiser.closed_form_inversion`, which :class:`~invert_ad.InversionScorer` uses).
 """
 
 from __future__ import annotations
